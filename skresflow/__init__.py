@@ -1,0 +1,3 @@
+"""skresflow: Residual Flows as scikit-learn estimators."""
+
+__version__ = "0.1.0.dev0"

@@ -1,0 +1,35 @@
+"""Pure-torch engine of skresflow: Lipschitz layers, log-det estimators, flows.
+
+Nothing here imports scikit-learn or joblib; tensors in, tensors out.
+"""
+
+from .activations import ACTIVATIONS, LipSwish, make_activation
+from .blocks import ResidualBlock, conv_branch, mlp_branch
+from .flow import Flow, LipschitzError
+from .inverse import InverseNotConvergedWarning, fixed_point_inverse
+from .layers import ActNorm, FixedAffine, LogitTransform, Squeeze
+from .lipschitz import LipschitzConv2d, LipschitzLinear
+from .logdet import ESTIMATORS, GRAD_MODES, logdet_estimate, residual_logdet
+
+__all__ = [
+    "ACTIVATIONS",
+    "ESTIMATORS",
+    "GRAD_MODES",
+    "ActNorm",
+    "FixedAffine",
+    "Flow",
+    "InverseNotConvergedWarning",
+    "LipSwish",
+    "LipschitzConv2d",
+    "LipschitzError",
+    "LipschitzLinear",
+    "LogitTransform",
+    "ResidualBlock",
+    "Squeeze",
+    "conv_branch",
+    "fixed_point_inverse",
+    "logdet_estimate",
+    "make_activation",
+    "mlp_branch",
+    "residual_logdet",
+]

@@ -1,0 +1,112 @@
+"""A normalizing flow: invertible layers on top of a standard normal base."""
+
+import math
+
+import torch
+from torch import nn
+
+from .blocks import ResidualBlock
+
+__all__ = ["Flow", "LipschitzError"]
+
+
+class LipschitzError(ValueError):
+    """A residual block's certified Lipschitz bound is not below 1."""
+
+
+class Flow(nn.Module):
+    """Composition of invertible layers with a standard normal base density.
+
+    Parameters
+    ----------
+    layers : sequence of torch.nn.Module
+        Each maps ``x -> (y, logdet)`` and has ``inverse``; applied in order from
+        data to latent.
+    event_shape : tuple of int
+        Shape of one sample (without the batch dimension).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skresflow.core import ActNorm, ResidualBlock, mlp_branch
+    >>> flow = Flow([ActNorm(2), ResidualBlock(mlp_branch(2, (16,)),
+    ...                                        estimator="exact")], (2,))
+    >>> flow.log_prob(torch.randn(5, 2)).shape
+    torch.Size([5])
+    """
+
+    def __init__(self, layers, event_shape):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.event_shape = tuple(event_shape)
+
+    @property
+    def blocks(self):
+        return [m for m in self.layers if isinstance(m, ResidualBlock)]
+
+    def forward(self, x, generator=None):
+        """Map data to latent: returns ``(z, logdet)`` with the summed log-det."""
+        logdet = x.new_zeros(x.shape[0])
+        for layer in self.layers:
+            x, ld = layer(x, generator)
+            logdet = logdet + ld
+        return x, logdet
+
+    def base_log_prob(self, z):
+        d = math.prod(self.event_shape)
+        return -0.5 * z.flatten(1).pow(2).sum(1) - 0.5 * d * math.log(2 * math.pi)
+
+    def log_prob(self, x, generator=None):
+        """Log-density of ``x`` (per row), with the blocks' configured estimator."""
+        z, logdet = self(x, generator)
+        return self.base_log_prob(z) + logdet
+
+    def inverse(self, z, *, check=True):
+        """Map latent to data. With ``check``, verify every block is invertible first."""
+        if check:
+            self.check_invertible()
+        for layer in reversed(self.layers):
+            z = layer.inverse(z)
+        return z
+
+    def sample(self, n_samples, generator=None, *, dtype=None, device=None):
+        """Draw ``n_samples`` by inverting standard normal draws."""
+        ref = next(self.parameters(), torch.zeros(()))
+        dtype, device = dtype or ref.dtype, device or ref.device
+        gen_device = generator.device if generator is not None else device
+        z = torch.randn((n_samples, *self.event_shape), generator=generator,
+                        device=gen_device, dtype=dtype).to(device)
+        with torch.no_grad():
+            return self.inverse(z)
+
+    def configure_logdet(self, **config):
+        """Set log-det options (``estimator``, ``n_exact_terms``, ...) on all blocks."""
+        for block in self.blocks:
+            block.configure(**config)
+        return self
+
+    def configure_inverse(self, **config):
+        """Set ``atol``, ``rtol``, ``max_iter`` of the fixed-point inverse of all blocks."""
+        for block in self.blocks:
+            block.inverse_config = dict(config)
+        return self
+
+    def refresh_lipschitz(self):
+        """Bring every stale power-iteration estimate back to tolerance."""
+        for block in self.blocks:
+            block.refresh_lipschitz()
+
+    def lipschitz_bounds(self):
+        """Certified ``Lip(g)`` upper bound of every residual block."""
+        return [block.lipschitz_bound() for block in self.blocks]
+
+    def check_invertible(self):
+        """Refresh the constraint and raise :class:`LipschitzError` if a bound is >= 1."""
+        self.refresh_lipschitz()
+        for i, bound in enumerate(self.lipschitz_bounds()):
+            if not bound < 1:
+                raise LipschitzError(
+                    f"residual block {i} has certified Lipschitz bound {bound:.4f} >= 1, "
+                    "so it may not be invertible; its weights were changed outside the "
+                    "Lipschitz constraint or evaluated at an input size it was not "
+                    "normalised for.")

@@ -1,0 +1,222 @@
+"""Linear and convolutional layers whose Lipschitz constant is bounded.
+
+Each layer divides its weight by ``max(1, sigma / coeff)`` where ``sigma`` is the
+operator norm of the weight, estimated by power iteration. The estimate is kept
+fresh automatically: whenever the weight has changed since the last estimate
+(an optimizer step, ``load_state_dict``, a device or dtype move, an in-place
+edit), the next forward pass runs power iteration, warm-started from the stored
+vectors, until the relative change of ``sigma`` falls below ``rtol``.
+"""
+
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LipschitzLinear", "LipschitzConv2d"]
+
+
+def _normalize(t, eps=1e-12):
+    return t / t.norm().clamp_min(eps)
+
+
+class _LipschitzMixin:
+    """Power-iteration bookkeeping shared by the linear and the conv layer."""
+
+    def _init_lipschitz(self, coeff, rtol, max_power_iter):
+        if not 0 < coeff:
+            raise ValueError(f"coeff must be positive; got {coeff!r} instead.")
+        self.coeff, self.rtol, self.max_power_iter = coeff, rtol, max_power_iter
+        self.register_buffer("sigma", torch.tensor(float("nan")))
+        self._key = None  # identifies the weight the stored sigma belongs to
+        self.last_power_iter = 0
+
+    def _weight_key(self):
+        w = self.weight
+        return (w._version, w.data_ptr(), w.dtype, w.device, self._operator_shape())
+
+    def refresh(self, *, force=False):
+        """Re-estimate ``sigma`` to tolerance if the weight changed (or if ``force``).
+
+        Returns the number of power iterations run.
+        """
+        key = self._weight_key()
+        if not force and key == self._key:
+            return 0
+        with torch.no_grad():
+            w = self.weight.detach()
+            u, v = self._vectors(w)
+            sigma_old, n_iter = None, 0
+            for n_iter in range(1, self.max_power_iter + 1):
+                v = _normalize(self._op_adjoint(u, w))
+                wv = self._op(v, w)
+                sigma = wv.norm()
+                u = wv / sigma.clamp_min(1e-12)
+                if sigma_old is not None and abs(sigma - sigma_old) <= self.rtol * sigma:
+                    break
+                sigma_old = sigma
+            self._u.copy_(u)
+            self._v.copy_(v)
+            self.sigma.copy_(sigma)
+        self._key = self._weight_key()
+        self.last_power_iter = n_iter
+        return n_iter
+
+    def _current_sigma(self, w):
+        if self.training and torch.is_grad_enabled():
+            # sigma = u^T W v with u, v fixed: differentiable, as in spectral norm.
+            # The clones keep later in-place refreshes from corrupting this graph.
+            u, v = self._u.clone(), self._v.clone()
+            return (u * self._op(v, w)).sum()
+        return self.sigma
+
+    def normalized_weight(self):
+        """The weight divided by ``max(1, sigma / coeff)``."""
+        self.refresh()
+        w = self.weight
+        return w / torch.clamp(self._current_sigma(w) / self.coeff, min=1.0)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", coeff={self.coeff}"
+
+
+class LipschitzLinear(_LipschitzMixin, nn.Linear):
+    """Linear layer with spectral norm at most ``coeff``.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+        Sizes as in :class:`torch.nn.Linear`.
+    bias : bool, default=True
+    coeff : float, default=0.97
+        Target bound on the spectral norm of the normalised weight.
+    rtol : float, default=1e-3
+        Relative tolerance of the power iteration.
+    max_power_iter : int, default=200
+        Cap on power iterations per refresh.
+
+    Attributes
+    ----------
+    sigma : torch.Tensor
+        Current power-iteration estimate of the spectral norm of ``weight``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = LipschitzLinear(3, 4, coeff=0.5)
+    >>> bool(layer.lipschitz_bound() <= 0.5 + 1e-3)
+    True
+    """
+
+    def __init__(self, in_features, out_features, bias=True, *, coeff=0.97,
+                 rtol=1e-3, max_power_iter=200):
+        super().__init__(in_features, out_features, bias=bias)
+        self._init_lipschitz(coeff, rtol, max_power_iter)
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("_u", _normalize(torch.randn(out_features, generator=g)))
+        self.register_buffer("_v", _normalize(torch.randn(in_features, generator=g)))
+
+    def _operator_shape(self):
+        return ()
+
+    def _vectors(self, w):
+        return self._u.to(w), self._v.to(w)
+
+    @staticmethod
+    def _op(v, w):
+        return w @ v
+
+    @staticmethod
+    def _op_adjoint(u, w):
+        return w.t() @ u
+
+    def forward(self, x):
+        return F.linear(x, self.normalized_weight(), self.bias)
+
+    def lipschitz_bound(self):
+        """Exact spectral norm of the normalised weight (SVD, float64)."""
+        with torch.no_grad():
+            w = self.normalized_weight().double()
+            return torch.linalg.matrix_norm(w, ord=2).item()
+
+
+class LipschitzConv2d(_LipschitzMixin, nn.Conv2d):
+    """Stride-1 "same" convolution whose *operator* norm is at most ``coeff``.
+
+    ``sigma`` is the norm of the convolution as a linear map on inputs of the
+    size actually seen (power iteration with ``conv2d`` and
+    ``conv_transpose2d``), not the norm of the flattened kernel, which does not
+    bound the Lipschitz constant. The operator vectors are re-initialised when the
+    input size changes.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+    kernel_size : int
+        Odd; padding is ``kernel_size // 2``.
+    bias : bool, default=True
+    coeff, rtol, max_power_iter
+        As in :class:`LipschitzLinear`.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, bias=True, *,
+                 coeff=0.97, rtol=1e-3, max_power_iter=200):
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd; got {kernel_size} instead.")
+        super().__init__(in_channels, out_channels, kernel_size,
+                         padding=kernel_size // 2, bias=bias)
+        self._init_lipschitz(coeff, rtol, max_power_iter)
+        self.register_buffer("_u", torch.zeros(0))
+        self.register_buffer("_v", torch.zeros(0))
+        self._spatial = None
+
+    def _operator_shape(self):
+        return self._spatial
+
+    def _vectors(self, w):
+        h, wd = self._spatial
+        if self._v.shape != (1, self.in_channels, h, wd):
+            g = torch.Generator().manual_seed(0)
+            self._v = _normalize(torch.randn(1, self.in_channels, h, wd, generator=g))
+            self._u = _normalize(torch.randn(1, self.out_channels, h, wd, generator=g))
+        self._u, self._v = self._u.to(w), self._v.to(w)
+        return self._u, self._v
+
+    def _op(self, v, w):
+        return F.conv2d(v, w, padding=self.padding)
+
+    def _op_adjoint(self, u, w):
+        return F.conv_transpose2d(u, w, padding=self.padding)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The operator vectors' shape depends on the input size seen in training.
+        for name in ("_u", "_v"):
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        v = state_dict.get(prefix + "_v")
+        self._spatial = tuple(v.shape[-2:]) if v is not None and v.dim() == 4 else None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x):
+        self._spatial = tuple(x.shape[-2:])
+        return F.conv2d(x, self.normalized_weight(), self.bias, padding=self.padding)
+
+    def lipschitz_bound(self, spatial=None):
+        """Certified upper bound on the operator norm of the normalised conv.
+
+        A zero-padded convolution on an ``H x W`` input is a restriction of the
+        circular convolution on the ``(H + k - 1) x (W + k - 1)`` torus, whose
+        singular values are those of the kernel's 2-D DFT at each frequency
+        (Sedghi et al., 2019). The maximum over frequencies is returned.
+        """
+        spatial = spatial or self._spatial
+        if spatial is None:
+            raise RuntimeError("lipschitz_bound needs the input size: call forward first.")
+        k = self.kernel_size[0]
+        n_h, n_w = spatial[0] + k - 1, spatial[1] + k - 1
+        with torch.no_grad():
+            w = self.normalized_weight().double()
+            spectrum = torch.fft.fft2(w, s=(n_h, n_w)).permute(2, 3, 0, 1)
+            return torch.linalg.matrix_norm(spectrum, ord=2).max().item()
+
+
