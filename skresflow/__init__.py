@@ -1,3 +1,6 @@
-"""skresflow: Residual Flows as scikit-learn estimators."""
+"""skresflow: Residual Flows (Chen et al., NeurIPS 2019) as scikit-learn estimators."""
+
+from ._density import ResidualFlowDensity
 
 __version__ = "0.1.0.dev0"
+__all__ = ["ResidualFlowDensity", "__version__"]

@@ -36,9 +36,13 @@ class _LipschitzMixin:
         return (w._version, w.data_ptr(), w.dtype, w.device, self._operator_shape())
 
     def refresh(self, *, force=False):
-        """Re-estimate ``sigma`` to tolerance if the weight changed (or if ``force``).
+        """Bring ``sigma`` back to tolerance if the weight changed (or if ``force``).
 
-        Returns the number of power iterations run.
+        Power iteration starts from the stored vectors. When its first step moves
+        ``sigma`` by at most ``rtol`` from the stored value, the stored estimate is
+        still valid for this weight and is kept as it is, so that copying, moving,
+        pickling or reloading a model never changes it. Returns the number of
+        power iterations run.
         """
         key = self._weight_key()
         if not force and key == self._key:
@@ -46,7 +50,8 @@ class _LipschitzMixin:
         with torch.no_grad():
             w = self.weight.detach()
             u, v = self._vectors(w)
-            sigma_old, n_iter = None, 0
+            stored = self.sigma.to(w)
+            sigma_old = stored if torch.isfinite(stored) else None
             for n_iter in range(1, self.max_power_iter + 1):
                 v = _normalize(self._op_adjoint(u, w))
                 wv = self._op(v, w)
@@ -55,9 +60,10 @@ class _LipschitzMixin:
                 if sigma_old is not None and abs(sigma - sigma_old) <= self.rtol * sigma:
                     break
                 sigma_old = sigma
-            self._u.copy_(u)
-            self._v.copy_(v)
-            self.sigma.copy_(sigma)
+            if n_iter > 1 or sigma_old is None:
+                self._u.copy_(u)
+                self._v.copy_(v)
+                self.sigma.copy_(sigma)
         self._key = self._weight_key()
         self.last_power_iter = n_iter
         return n_iter

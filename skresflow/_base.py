@@ -1,0 +1,287 @@
+"""The sklearn layer shared by all skresflow estimators: parameters, data, the loop.
+
+No maths lives here: flows, log-dets and optimisation steps come from
+:mod:`skresflow.core`; this module validates, converts, batches and records.
+"""
+
+import copy
+import time
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, _fit_context
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+
+from .core import ACTIVATIONS, GRAD_MODES
+from .core.train import Trainer
+
+_LOGDET_ESTIMATORS = ("auto", "exact", "unbiased", "truncated")
+
+
+def resolve_device(device):
+    """``"auto"`` -> CUDA when available, else CPU; other strings as torch reads them."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} was requested but CUDA is not available.")
+    return device
+
+
+def make_generator(random_state, device="cpu"):
+    """A torch.Generator seeded from an sklearn ``random_state``; global seeds untouched."""
+    seed = int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class BaseResidualFlow(BaseEstimator):
+    """Template for the estimators: subclasses build the flow and define the loss."""
+
+    _parameter_constraints = {
+        "n_blocks": [Interval(Integral, 1, None, closed="left")],
+        "hidden_dims": ["array-like"],
+        "lipschitz_coeff": [Interval(Real, 0, 1, closed="neither")],
+        "activation": [StrOptions(set(ACTIVATIONS))],
+        "logdet_estimator": [StrOptions(set(_LOGDET_ESTIMATORS))],
+        "n_exact_terms": [Interval(Integral, 0, None, closed="left")],
+        "logdet_grad": [StrOptions(set(GRAD_MODES))],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "learning_rate": [Interval(Real, 0, None, closed="neither")],
+        "weight_decay": [Interval(Real, 0, None, closed="left")],
+        "validation_fraction": [Interval(Real, 0, 1, closed="left")],
+        "n_iter_no_change": [Interval(Integral, 1, None, closed="left"), None],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "random_state": ["random_state"],
+        "device": [str, torch.device],
+        "verbose": ["verbose"],
+        "warm_start": ["boolean"],
+    }
+
+    # ------------------------------------------------------------------ hooks
+    def _build_flow(self, X, sample_weight):
+        raise NotImplementedError
+
+    def _configure_for_training(self, flow):
+        raise NotImplementedError
+
+    def _configure_for_scoring(self, flow):
+        raise NotImplementedError
+
+    def _batch_loss(self, flow, X, w, generator):
+        """Weighted mean negative log-likelihood of one batch (honest value)."""
+        log_p = flow.log_prob(X, generator)
+        return -(w * log_p).sum() / w.sum()
+
+    # ------------------------------------------------------------------- data
+    def _validate_X(self, X, *, reset):
+        return validate_data(self, X, reset=reset, dtype=[np.float64, np.float32])
+
+    def _to_tensor(self, X, dtype=torch.float64):
+        return torch.as_tensor(np.ascontiguousarray(X), dtype=dtype, device=self.device_)
+
+    # -------------------------------------------------------------------- fit
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None, sample_weight=None):
+        """Fit the flow by maximum likelihood.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : None
+            Ignored.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Per-row weights of the log-likelihood.
+
+        Returns
+        -------
+        self
+        """
+        reset = not (self.warm_start and hasattr(self, "flow_"))
+        return self._fit(X, sample_weight, reset=reset, n_epochs=self.max_iter)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None, sample_weight=None):
+        """One more epoch over ``X`` (the first call builds the model from ``X``)."""
+        return self._fit(X, sample_weight, reset=not hasattr(self, "flow_"), n_epochs=1)
+
+    def _fit(self, X, sample_weight, *, reset, n_epochs):
+        X = self._validate_X(X, reset=reset)
+        sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
+        if reset:
+            self.device_ = resolve_device(self.device)
+            self._generator = make_generator(self.random_state)
+            self.history_ = []
+            self.n_iter_ = 0
+        Xt = torch.as_tensor(X, dtype=torch.float32)
+        wt = torch.as_tensor(sample_weight, dtype=torch.float32)
+        train, val = self._split(Xt.shape[0])
+        if reset:
+            # Module constructors draw from torch's global RNG: fork it, seed the fork
+            # from our generator, and leave the user's global state untouched.
+            seed = int(torch.randint(2**31 - 1, (), generator=self._generator))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                flow = self._build_flow(Xt[train], wt[train]).to(self.device_)
+        else:
+            flow = copy.deepcopy(self.flow_).float()
+        self._configure_for_training(flow)
+        self._run_epochs(flow, (Xt[train], wt[train]), (Xt[val], wt[val]), n_epochs)
+        return self
+
+    def _split(self, n_samples):
+        """Random train/validation split (validation only when it leaves enough rows)."""
+        perm = torch.randperm(n_samples, generator=self._generator)
+        n_val = int(self.validation_fraction * n_samples)
+        if n_val < 2 or n_samples - n_val < 2:
+            return perm, perm[:0]
+        return perm[n_val:], perm[:n_val]
+
+    def _run_epochs(self, flow, train, val, n_epochs):
+        n_train = train[0].shape[0]
+        batch_size = min(self.batch_size, n_train)
+        steps_per_epoch = -(-n_train // batch_size)
+        trainer = Trainer(flow, lr=self.learning_rate, total_steps=n_epochs * steps_per_epoch,
+                          warmup_steps=min(500, steps_per_epoch * max(n_epochs // 10, 1)),
+                          weight_decay=self.weight_decay)
+        monitor = _EarlyStopping(self.n_iter_no_change, self.tol)
+        start, stopped_early = time.perf_counter(), False
+        try:
+            for epoch in range(n_epochs):
+                t0 = time.perf_counter()
+                train_nll = self._train_epoch(flow, trainer, train, batch_size)
+                state = trainer.averaged_state()
+                val_nll = self._evaluate(flow, state, val) if val[0].shape[0] else None
+                self.n_iter_ += 1
+                record = {"epoch": self.n_iter_, "train_loss": train_nll,
+                          "seconds": time.perf_counter() - t0}
+                if val_nll is not None:
+                    record["val_loss"] = val_nll
+                self.history_.append(record)
+                self._report(record, epoch, n_epochs, time.perf_counter() - start)
+                if monitor.update(val_nll if val_nll is not None else train_nll, state):
+                    stopped_early = True
+                    break
+        except KeyboardInterrupt:
+            warnings.warn(f"fit interrupted after {self.n_iter_} epochs; keeping the best "
+                          "model found so far.", UserWarning, stacklevel=3)
+            stopped_early = True
+        if monitor.best_state is None:
+            raise RuntimeError("fit was interrupted before one epoch finished; "
+                               "no model was stored.")
+        self._finish(flow, monitor.best_state, stopped_early)
+
+    def _train_epoch(self, flow, trainer, train, batch_size):
+        X, w = train
+        flow.train()
+        perm = torch.randperm(X.shape[0], generator=self._generator)
+        total, weight = 0.0, 0.0
+        for idx in perm.split(batch_size):
+            xb, wb = X[idx].to(self.device_), w[idx].to(self.device_)
+            loss = trainer.step(lambda xb=xb, wb=wb: self._batch_loss(flow, xb, wb,
+                                                                      self._generator))
+            if np.isfinite(loss):
+                total += loss * float(wb.sum())
+                weight += float(wb.sum())
+        return total / weight if weight else float("nan")
+
+    def _evaluate(self, flow, state, val):
+        """Validation NLL of the averaged weights, with the scoring estimator."""
+        scorer = self._make_scorer(flow, state)
+        X, w = val
+        log_p = self._log_prob(scorer, X.double())
+        w = w.double().to(log_p.device)
+        return float(-(w * log_p).sum() / w.sum())
+
+    def _make_scorer(self, flow, state):
+        scorer = copy.deepcopy(flow)
+        scorer.load_state_dict(state)
+        scorer = scorer.double().eval()
+        self._configure_for_scoring(scorer)
+        scorer.refresh_lipschitz()
+        return scorer
+
+    def _finish(self, flow, best_state, stopped_early):
+        self.flow_ = self._make_scorer(flow, best_state)
+        if not stopped_early and self.n_iter_no_change is not None:
+            warnings.warn(
+                f"{type(self).__name__} reached max_iter={self.max_iter} epochs while the "
+                "validation loss was still improving; increase max_iter (or "
+                "learning_rate) for a better model.", ConvergenceWarning, stacklevel=4)
+
+    def _report(self, record, epoch, n_epochs, elapsed):
+        if not self.verbose:
+            return
+        remaining = elapsed / (epoch + 1) * (n_epochs - epoch - 1)
+        val = f"  val NLL {record['val_loss']:.4f}" if "val_loss" in record else ""
+        print(f"epoch {record['epoch']:4d}/{n_epochs}  train NLL {record['train_loss']:.4f}"
+              f"{val}  {elapsed:6.1f}s elapsed, ~{remaining:.0f}s left", flush=True)
+
+    # --------------------------------------------------------------- scoring
+    def _log_prob(self, flow, X):
+        """Row-wise log-density in chunks small enough for exact Jacobians."""
+        rows = max(1, 2**16 // max(1, X[0].numel()))
+        with torch.no_grad():
+            out = [flow.log_prob(chunk.to(self.device_), self._scoring_generator())
+                   for chunk in X.split(rows)]
+        return torch.cat(out)
+
+    def _scoring_generator(self):
+        # Fixed seed per call: with shared probes a row's value is deterministic.
+        return torch.Generator(device=self.device_).manual_seed(0)
+
+    def score_samples(self, X):
+        """Log-density of each row of ``X``, in nats, in the units of the data.
+
+        Returns
+        -------
+        log_density : ndarray of shape (n_samples,), float64
+        """
+        check_is_fitted(self)
+        X = self._validate_X(X, reset=False)
+        return self._log_prob(self.flow_, self._to_tensor(X)).cpu().numpy()
+
+    # ------------------------------------------------------------ persistence
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        if "flow_" in state:
+            state["flow_"] = copy.deepcopy(self.flow_).cpu()
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if "flow_" not in state:
+            return
+        device = self.device_
+        if device.type == "cuda" and not torch.cuda.is_available():
+            warnings.warn(f"this model was fitted on {device} but CUDA is not available; "
+                          "it was loaded on the CPU.", UserWarning, stacklevel=2)
+            device = torch.device("cpu")
+        self.device_ = device
+        self.flow_ = self.flow_.to(device)
+
+
+class _EarlyStopping:
+    """Track the best monitored loss and its averaged weights."""
+
+    def __init__(self, patience, tol):
+        self.patience, self.tol = patience, tol
+        self.best, self.best_state, self.bad_epochs = np.inf, None, 0
+
+    def update(self, loss, state):
+        """Record an epoch; return True when training should stop.
+
+        Without patience (no early stopping) the latest state is kept.
+        """
+        if self.patience is None:
+            self.best, self.best_state = loss, state
+        elif self.best_state is None or loss < self.best - self.tol:
+            self.best, self.best_state, self.bad_epochs = loss, state, 0
+        elif np.isfinite(loss):
+            self.bad_epochs += 1
+        return self.patience is not None and self.bad_epochs >= self.patience

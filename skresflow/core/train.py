@@ -1,0 +1,113 @@
+"""A torch-only optimisation step: Adam, warm-up, cosine decay, clipping, EMA.
+
+The estimator layer owns the epoch loop; this module owns what happens to the
+weights in one step, and refuses to let a non-finite loss or gradient reach them.
+"""
+
+import math
+
+import torch
+
+__all__ = ["Trainer", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced non-finite losses or gradients too many times in a row."""
+
+
+class Trainer:
+    """Optimise a module's parameters one mini-batch at a time.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+    lr : float
+        Peak learning rate of Adam (betas 0.9, 0.99 as in the reference code).
+    total_steps : int
+        Planned number of steps; the learning rate decays along a half cosine to
+        ``final_lr_fraction * lr`` at that step.
+    warmup_steps : int, default=0
+        Linear warm-up from ``lr / warmup_steps``.
+    max_grad_norm : float or None, default=1.0
+        Gradient-norm clipping.
+    ema_decay : float or None, default=0.999
+        Exponential moving average of the weights (bias-corrected early on, so a
+        short run is not dominated by the initial weights).
+    weight_decay : float, default=0.0
+        Decoupled weight decay (AdamW).
+    max_bad_steps : int, default=5
+        Consecutive non-finite steps tolerated; each one is skipped (the weights
+        are untouched) and halves the learning rate. One more raises
+        :class:`NonFiniteLossError`.
+    """
+
+    def __init__(self, module, *, lr, total_steps, warmup_steps=0, max_grad_norm=1.0,
+                 ema_decay=0.999, weight_decay=0.0, final_lr_fraction=0.05,
+                 max_bad_steps=5):
+        self.module = module
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.99),
+                                           weight_decay=weight_decay)
+        self.lr, self.total_steps, self.warmup_steps = lr, max(total_steps, 1), warmup_steps
+        self.final_lr_fraction = final_lr_fraction
+        self.max_grad_norm, self.ema_decay, self.max_bad_steps = (
+            max_grad_norm, ema_decay, max_bad_steps)
+        self.n_steps = 0
+        self.lr_scale = 1.0  # lowered after non-finite steps
+        self.bad_steps = 0
+        self.ema = [p.detach().clone() for p in self.params] if ema_decay else None
+
+    def learning_rate(self):
+        t = self.n_steps
+        warm = min(1.0, (t + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        progress = min(1.0, t / self.total_steps)
+        f = self.final_lr_fraction
+        cosine = f + (1 - f) * 0.5 * (1 + math.cos(math.pi * progress))
+        return self.lr * self.lr_scale * warm * cosine
+
+    def step(self, loss_fn):
+        """Run ``loss_fn()``, back-propagate and update; return the loss (float).
+
+        A non-finite loss or gradient skips the update and returns ``nan``.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        value = loss.item()
+        if math.isfinite(value):
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(
+                self.params, self.max_grad_norm or float("inf"))
+            if torch.isfinite(norm):
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.learning_rate()
+                self.optimizer.step()
+                self.n_steps += 1
+                self.bad_steps = 0
+                self._update_ema()
+                return value
+            value = float("nan")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps += 1
+        self.lr_scale *= 0.5
+        if self.bad_steps > self.max_bad_steps:
+            raise NonFiniteLossError(
+                f"{self.bad_steps} consecutive training steps gave a non-finite loss or "
+                f"gradient (learning rate lowered to {self.learning_rate():.3g}); the "
+                "weights were left at their last finite values.")
+        return value
+
+    def _update_ema(self):
+        if self.ema is None:
+            return
+        decay = min(self.ema_decay, (1 + self.n_steps) / (10 + self.n_steps))
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - decay)
+
+    def averaged_state(self):
+        """The module's state dict with the EMA weights in place of the live ones."""
+        state = {k: v.clone() for k, v in self.module.state_dict().items()}
+        if self.ema is not None:
+            names = {id(p): n for n, p in self.module.named_parameters()}
+            for p, e in zip(self.params, self.ema):
+                state[names[id(p)]] = e.clone()
+        return state
