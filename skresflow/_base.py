@@ -83,7 +83,7 @@ class BaseResidualFlow(BaseEstimator):
         return validate_data(self, X, reset=reset, dtype=[np.float64, np.float32])
 
     def _to_tensor(self, X, dtype=torch.float64):
-        return torch.as_tensor(np.ascontiguousarray(X), dtype=dtype, device=self.device_)
+        return torch.tensor(X, dtype=dtype, device=self.device_)  # copy: X may be read-only
 
     # -------------------------------------------------------------------- fit
     @_fit_context(prefer_skip_nested_validation=True)
@@ -103,14 +103,16 @@ class BaseResidualFlow(BaseEstimator):
         self
         """
         reset = not (self.warm_start and hasattr(self, "flow_"))
-        return self._fit(X, sample_weight, reset=reset, n_epochs=self.max_iter)
+        return self._fit(X, sample_weight, reset=reset, n_epochs=self.max_iter,
+                         warn=True)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None, sample_weight=None):
         """One more epoch over ``X`` (the first call builds the model from ``X``)."""
-        return self._fit(X, sample_weight, reset=not hasattr(self, "flow_"), n_epochs=1)
+        return self._fit(X, sample_weight, reset=not hasattr(self, "flow_"), n_epochs=1,
+                         warn=False)
 
-    def _fit(self, X, sample_weight, *, reset, n_epochs):
+    def _fit(self, X, sample_weight, *, reset, n_epochs, warn):
         X = self._validate_X(X, reset=reset)
         sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
         if reset:
@@ -118,7 +120,7 @@ class BaseResidualFlow(BaseEstimator):
             self._generator = make_generator(self.random_state)
             self.history_ = []
             self.n_iter_ = 0
-        Xt = torch.as_tensor(X, dtype=torch.float32)
+        Xt = torch.tensor(X, dtype=torch.float32)  # a copy: X may be read-only
         wt = torch.as_tensor(sample_weight, dtype=torch.float32)
         train, val = self._split(Xt.shape[0])
         if reset:
@@ -131,7 +133,7 @@ class BaseResidualFlow(BaseEstimator):
         else:
             flow = copy.deepcopy(self.flow_).float()
         self._configure_for_training(flow)
-        self._run_epochs(flow, (Xt[train], wt[train]), (Xt[val], wt[val]), n_epochs)
+        self._run_epochs(flow, (Xt[train], wt[train]), (Xt[val], wt[val]), n_epochs, warn)
         return self
 
     def _split(self, n_samples):
@@ -142,7 +144,7 @@ class BaseResidualFlow(BaseEstimator):
             return perm, perm[:0]
         return perm[n_val:], perm[:n_val]
 
-    def _run_epochs(self, flow, train, val, n_epochs):
+    def _run_epochs(self, flow, train, val, n_epochs, warn):
         n_train = train[0].shape[0]
         batch_size = min(self.batch_size, n_train)
         steps_per_epoch = -(-n_train // batch_size)
@@ -174,7 +176,12 @@ class BaseResidualFlow(BaseEstimator):
         if monitor.best_state is None:
             raise RuntimeError("fit was interrupted before one epoch finished; "
                                "no model was stored.")
-        self._finish(flow, monitor.best_state, stopped_early)
+        self.flow_ = self._make_scorer(flow, monitor.best_state)
+        if warn and not stopped_early and self.n_iter_no_change is not None:
+            warnings.warn(
+                f"{type(self).__name__} reached max_iter={self.max_iter} epochs while the "
+                "validation loss was still improving; increase max_iter (or "
+                "learning_rate) for a better model.", ConvergenceWarning, stacklevel=4)
 
     def _train_epoch(self, flow, trainer, train, batch_size):
         X, w = train
@@ -205,14 +212,6 @@ class BaseResidualFlow(BaseEstimator):
         self._configure_for_scoring(scorer)
         scorer.refresh_lipschitz()
         return scorer
-
-    def _finish(self, flow, best_state, stopped_early):
-        self.flow_ = self._make_scorer(flow, best_state)
-        if not stopped_early and self.n_iter_no_change is not None:
-            warnings.warn(
-                f"{type(self).__name__} reached max_iter={self.max_iter} epochs while the "
-                "validation loss was still improving; increase max_iter (or "
-                "learning_rate) for a better model.", ConvergenceWarning, stacklevel=4)
 
     def _report(self, record, epoch, n_epochs, elapsed):
         if not self.verbose:

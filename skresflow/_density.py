@@ -173,7 +173,7 @@ default="memory_efficient"
         self.scoring_estimator_ = "exact" if exact else "unbiased"
         flow.configure_logdet(estimator=self.scoring_estimator_,
                               n_exact_terms=max(SCORING_EXACT_TERMS, self.n_exact_terms),
-                              grad="naive", probe_sharing="shared", n_probes=4)
+                              grad="naive", probe_sharing="row_hash", n_probes=4)
 
     def score(self, X, y=None):
         """Mean log-density of the rows of ``X`` (higher is better).

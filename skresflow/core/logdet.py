@@ -66,9 +66,12 @@ default="memory_efficient"
     **options
         ``n_probes`` (int, default 1): Hutchinson probes per row, averaged.
         ``probe`` ({"gaussian", "rademacher"}, default "gaussian").
-        ``probe_sharing`` ({"per_sample", "shared"}, default "per_sample"):
-        ``"shared"`` uses the same probes for every row, so a row's estimate does
-        not depend on the other rows of the batch.
+        ``probe_sharing`` ({"per_sample", "shared", "row_hash"}, default
+        "per_sample"): fresh probes for every row; the same probes for every row;
+        or probes picked from a table of 256 draws by a hash of the row's values.
+        With the last two a row's estimate does not depend on the other rows of
+        the batch; ``"row_hash"`` also keeps the errors of distinct rows nearly
+        independent, so averages over rows are accurate.
         ``roulette`` ({"geometric", "poisson"}, default "geometric").
         ``p`` (float, default 0.5): success probability of the geometric
         distribution. ``lam`` (float, default 2.0): Poisson rate.
@@ -158,7 +161,7 @@ def _check_args(x, estimator, n_exact_terms, grad, options):
                          f"got {type(x).__name__} {tuple(getattr(x, 'shape', ()))} instead.")
     opts = {**_DEFAULT_OPTIONS, **options}
     choices = {"probe": ("gaussian", "rademacher"),
-               "probe_sharing": ("per_sample", "shared"),
+               "probe_sharing": ("per_sample", "shared", "row_hash"),
                "roulette": ("geometric", "poisson")}
     for name, allowed in choices.items():
         if opts[name] not in allowed:
@@ -221,16 +224,31 @@ def _roulette(estimator, n_exact_terms, opts, generator):
     return [1.0] * n_exact_terms + [1.0 / s for s in tail]
 
 
+_HASH_TABLE_SIZE = 256
+
+
+def _row_hash(x):
+    """Deterministic per-row integer from the bits of the row's values."""
+    bits = x.detach().flatten(1).to(torch.float64).contiguous().view(torch.int64)
+    weights = torch.arange(1, bits.shape[1] + 1, device=x.device) * 0x9E3779B1
+    h = (bits ^ (bits >> 31)) * weights  # int64 arithmetic wraps around
+    h = h.sum(1)
+    return (h ^ (h >> 29)).remainder(_HASH_TABLE_SIZE)
+
+
 def _probes(x, opts, generator):
     n_probes, b, event = opts["n_probes"], x.shape[0], x.shape[1:]
-    rows = 1 if opts["probe_sharing"] == "shared" else b
+    sharing = opts["probe_sharing"]
+    rows = {"per_sample": b, "shared": 1, "row_hash": _HASH_TABLE_SIZE}[sharing]
     device = generator.device if generator is not None else x.device
     shape = (n_probes, rows, *event)
     if opts["probe"] == "gaussian":
         v = torch.randn(shape, generator=generator, device=device, dtype=x.dtype)
     else:
         v = torch.randint(0, 2, shape, generator=generator, device=device).to(x.dtype) * 2 - 1
-    return v.to(x.device).expand(n_probes, b, *event).reshape(n_probes * b, *event)
+    v = v.to(x.device)
+    v = v[:, _row_hash(x)] if sharing == "row_hash" else v.expand(n_probes, b, *event)
+    return v.reshape(n_probes * b, *event)
 
 
 def _power_series(gx, x, v, coeffs, *, create_graph, want_w):

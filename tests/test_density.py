@@ -1,0 +1,255 @@
+import io
+import pickle
+
+import joblib
+import numpy as np
+import pytest
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils._param_validation import InvalidParameterError
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+import skresflow._density as density_module
+from skresflow import ResidualFlowDensity
+from skresflow.datasets import make_toy
+
+SMALL = dict(n_blocks=2, hidden_dims=(16,), max_iter=3, batch_size=64, random_state=0)
+
+EXPECTED_FAILURES = {
+    "check_sample_weight_equivalence_on_dense_data": (
+        "mini-batch training: repeating or removing rows changes which rows share a "
+        "batch, so the optimisation path (not the objective) differs"),
+}
+
+
+def _expected_failures(estimator):
+    return EXPECTED_FAILURES
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@parametrize_with_checks([ResidualFlowDensity(**SMALL)],
+                         expected_failed_checks=_expected_failures)
+def test_sklearn_compatible(estimator, check):
+    check(estimator)
+
+
+def _fit(X, **params):
+    return ResidualFlowDensity(**{**SMALL, "n_iter_no_change": None, **params}).fit(X)
+
+
+@pytest.fixture(scope="module")
+def moons():
+    return make_toy("moons", 600, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def fitted(moons):
+    return _fit(moons, max_iter=8, hidden_dims=(32, 32))
+
+
+def test_density_integrates_to_one_in_odd_units(moons):
+    scale, shift = 100.0, 1000.0
+    est = _fit(moons * scale + shift, max_iter=5, hidden_dims=(32,))
+    lo = (moons.min(0) - 2.5) * scale + shift
+    hi = (moons.max(0) + 2.5) * scale + shift
+    gx, gy = (np.linspace(lo[i], hi[i], 300) for i in range(2))
+    grid = np.stack(np.meshgrid(gx, gy, indexing="ij"), -1).reshape(-1, 2)
+    mass = np.exp(est.score_samples(grid)).sum() * (gx[1] - gx[0]) * (gy[1] - gy[0])
+    assert mass == pytest.approx(1.0, abs=0.02)
+
+
+def test_normalised_in_six_dimensions_by_importance_sampling():
+    rng = np.random.default_rng(0)
+    Z = rng.standard_normal((400, 6))
+    X = (Z + 0.5 * np.sin(np.roll(Z, 1, axis=1))) * np.linspace(0.5, 3, 6) + 3.0
+    est = _fit(X, max_iter=4)
+    # Proposal: a Gaussian 1.5 times as wide as the data; integral = E_q[p / q].
+    mean, cov = X.mean(0), 2.25 * np.cov(X.T)
+    Q = rng.multivariate_normal(mean, cov, size=40_000)
+    diff = Q - mean
+    log_q = -0.5 * np.einsum("ni,ij,nj->n", diff, np.linalg.inv(cov), diff)
+    log_q -= 0.5 * (np.linalg.slogdet(2 * np.pi * cov)[1])
+    ratio = np.exp(est.score_samples(Q) - log_q)
+    stderr = ratio.std() / np.sqrt(ratio.size)
+    assert stderr < 0.02 and abs(ratio.mean() - 1.0) < 4 * stderr
+
+
+def test_pipeline_and_grid_search(moons):
+    pipe = make_pipeline(StandardScaler(), ResidualFlowDensity(**SMALL))
+    search = GridSearchCV(pipe, {"residualflowdensity__n_blocks": [1, 2]}, cv=2)
+    with pytest.warns(ConvergenceWarning):
+        search.fit(moons)
+    assert search.best_params_["residualflowdensity__n_blocks"] in (1, 2)
+    assert np.isfinite(search.score(moons))
+
+
+def test_pickle_and_joblib_round_trips_give_identical_scores(fitted, moons):
+    expected = fitted.score_samples(moons)
+    clone = pickle.loads(pickle.dumps(fitted))
+    np.testing.assert_array_equal(clone.score_samples(moons), expected)
+    buffer = io.BytesIO()
+    joblib.dump(fitted, buffer)
+    buffer.seek(0)
+    np.testing.assert_array_equal(joblib.load(buffer).score_samples(moons), expected)
+
+
+def test_random_state_reproducible(moons):
+    a = _fit(moons, random_state=3).score_samples(moons)
+    b = _fit(moons, random_state=3).score_samples(moons)
+    c = _fit(moons, random_state=4).score_samples(moons)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_global_random_state_untouched(moons):
+    torch_state, np_state = torch.random.get_rng_state(), np.random.get_state()
+    _fit(moons, max_iter=1).sample(5)
+    assert torch.equal(torch.random.get_rng_state(), torch_state)
+    assert np.array_equal(np.random.get_state()[1], np_state[1])
+
+
+def test_samples_are_typical_under_the_model(fitted):
+    held_out = make_toy("moons", 2000, random_state=1)
+    samples = fitted.sample(2000, random_state=0)
+    assert samples.shape == (2000, 2) and samples.dtype == np.float64
+    gap = fitted.score(samples) - fitted.score(held_out)
+    assert abs(gap) < 0.15
+    np.testing.assert_array_equal(samples, fitted.sample(2000, random_state=0))
+
+
+def test_transform_inverse_round_trip(fitted, moons):
+    Z = fitted.transform(moons)
+    np.testing.assert_allclose(fitted.inverse_transform(Z), moons, atol=1e-8)
+    # Latent codes of the training data are roughly standard normal.
+    assert np.all(np.abs(Z.mean(0)) < 0.3) and np.all(np.abs(Z.std(0) - 1) < 0.3)
+
+
+def test_scores_are_batch_independent_with_the_unbiased_estimator(moons, monkeypatch):
+    monkeypatch.setattr(density_module, "EXACT_SCORE_MAX_FEATURES", 1)
+    est = _fit(moons, max_iter=1, logdet_estimator="unbiased")
+    assert est.scoring_estimator_ == "unbiased"
+    full = est.score_samples(moons[:50])
+    np.testing.assert_allclose(est.score_samples(moons[10:20]), full[10:20], rtol=1e-12)
+    np.testing.assert_array_equal(est.score_samples(moons[:50]), full)
+
+
+def test_unbiased_score_close_to_exact(fitted, moons, monkeypatch):
+    exact = fitted.score_samples(moons[:200])
+    monkeypatch.setattr(density_module, "EXACT_SCORE_MAX_FEATURES", 1)
+    fitted._configure_for_scoring(fitted.flow_)
+    try:
+        approx = fitted.score_samples(moons[:200])
+    finally:
+        monkeypatch.undo()
+        fitted._configure_for_scoring(fitted.flow_)
+    # Row-hashed probes: errors of distinct rows are nearly independent, so the
+    # mean is accurate even though single rows carry Hutchinson noise.
+    assert abs(np.mean(approx - exact)) < 0.03
+    assert np.abs(approx - exact).mean() < 0.2
+
+
+def test_history_and_verbose(moons, capsys):
+    est = _fit(moons, max_iter=2, verbose=1)
+    out = capsys.readouterr().out
+    assert "epoch    2/2" in out and "val NLL" in out and "left" in out
+    assert [h["epoch"] for h in est.history_] == [1, 2]
+    assert est.n_iter_ == 2
+    for h in est.history_:
+        assert {"train_loss", "val_loss", "seconds"} <= set(h)
+        assert np.isfinite(h["train_loss"]) and np.isfinite(h["val_loss"])
+
+
+def test_early_stopping_restores_best(moons):
+    est = ResidualFlowDensity(**{**SMALL, "max_iter": 60, "n_iter_no_change": 2,
+                                 "tol": 10.0}).fit(moons)
+    assert est.n_iter_ == 3  # epoch 1 is the best; two epochs without a 10-nat gain
+    assert est.score(moons) == pytest.approx(-est.history_[0]["val_loss"], abs=0.5)
+
+
+def test_convergence_warning_when_still_improving(moons):
+    with pytest.warns(ConvergenceWarning, match="increase max_iter"):
+        ResidualFlowDensity(**{**SMALL, "max_iter": 1, "tol": 0.0}).fit(moons)
+
+
+def test_warm_start_and_partial_fit(moons):
+    est = _fit(moons, max_iter=2, warm_start=True)
+    before = est.score(moons)
+    est.fit(moons)
+    assert est.n_iter_ == 4 and len(est.history_) == 4
+    assert est.score(moons) > before - 0.05
+    inc = ResidualFlowDensity(**SMALL)
+    for _ in range(3):
+        inc.partial_fit(moons)
+    assert inc.n_iter_ == 3
+
+
+def test_sample_weight_moves_mass(moons):
+    upper = moons[:, 1] > 0.25
+
+    def gap(sample_weight):
+        est = ResidualFlowDensity(**{**SMALL, "max_iter": 6, "n_iter_no_change": None})
+        scores = est.fit(moons, sample_weight=sample_weight).score_samples(moons)
+        return scores[upper].mean() - scores[~upper].mean()
+
+    assert gap(np.where(upper, 1.0, 1e-3)) > gap(None) + 0.3
+
+
+@pytest.mark.parametrize(
+    "X, match",
+    [
+        (np.array([[0.0, np.nan], [1.0, 2.0]]), "NaN"),
+        (np.array([[0.0, np.inf], [1.0, 2.0]]), "infinity"),
+        (np.array([[1 + 1j, 2.0], [1.0, 2.0]]), "Complex data not supported"),
+        (np.array([["a", "b"], ["c", "d"]], dtype=object), "could not convert"),
+        (np.array([1.0, 2.0, 3.0]), "Expected 2D array, got 1D array instead"),
+        (np.empty((0, 2)), "0 sample"),
+    ],
+)
+def test_bad_data(X, match):
+    with pytest.raises(ValueError, match=match):
+        ResidualFlowDensity(**SMALL).fit(X)
+
+
+def test_wrong_number_of_features(fitted):
+    for method in ("score_samples", "transform", "inverse_transform", "score"):
+        with pytest.raises(ValueError, match="X has 3 features, but ResidualFlowDensity "
+                                             "is expecting 2 features"):
+            getattr(fitted, method)(np.zeros((4, 3)))
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"lipschitz_coeff": 1.0}, "'lipschitz_coeff' parameter"),
+        ({"activation": "sigmoid"}, "'activation' parameter"),
+        ({"logdet_estimator": "approx"}, "'logdet_estimator' parameter"),
+        ({"logdet_grad": "fast"}, "'logdet_grad' parameter"),
+        ({"n_blocks": 0}, "'n_blocks' parameter"),
+        ({"validation_fraction": 1.0}, "'validation_fraction' parameter"),
+    ],
+)
+def test_bad_parameters(moons, params, match):
+    with pytest.raises(InvalidParameterError, match=match):
+        ResidualFlowDensity(**{**SMALL, **params}).fit(moons)
+
+
+@pytest.mark.parametrize("n_samples", [0, -1, 2.5])
+def test_bad_n_samples(fitted, n_samples):
+    with pytest.raises(ValueError, match="n_samples must be a positive integer"):
+        fitted.sample(n_samples)
+
+
+def test_divergent_learning_rate_never_leaves_a_nan_model(moons):
+    try:
+        est = _fit(moons, learning_rate=1e4, max_iter=2)
+    except FloatingPointError as exc:
+        assert "non-finite" in str(exc)
+    else:
+        assert np.all(np.isfinite(est.score_samples(moons)))
+
+
+def test_lipschitz_bound_holds_after_fit(fitted):
+    assert all(bound < 1 for bound in fitted.flow_.lipschitz_bounds())
