@@ -15,7 +15,11 @@ from sklearn.base import BaseEstimator, _fit_context
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+from sklearn.utils.validation import (
+    _check_sample_weight,
+    check_is_fitted,
+    validate_data,
+)
 
 from .core import ACTIVATIONS, GRAD_MODES
 from .core.train import Trainer
@@ -24,17 +28,19 @@ _LOGDET_ESTIMATORS = ("auto", "exact", "unbiased", "truncated")
 
 
 def resolve_device(device):
-    """``"auto"`` -> CUDA when available, else CPU; other strings as torch reads them."""
+    """``"auto"``: CUDA when available, else CPU; other values as torch reads them."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r} was requested but CUDA is not available.")
+        raise ValueError(
+            f"device={str(device)!r} was requested but CUDA is not available."
+        )
     return device
 
 
 def make_generator(random_state, device="cpu"):
-    """A torch.Generator seeded from an sklearn ``random_state``; global seeds untouched."""
+    """A torch.Generator seeded from an sklearn ``random_state``."""
     seed = int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
     return torch.Generator(device=device).manual_seed(seed)
 
@@ -83,7 +89,9 @@ class BaseResidualFlow(BaseEstimator):
         return validate_data(self, X, reset=reset, dtype=[np.float64, np.float32])
 
     def _to_tensor(self, X, dtype=torch.float64):
-        return torch.tensor(X, dtype=dtype, device=self.device_)  # copy: X may be read-only
+        return torch.tensor(
+            X, dtype=dtype, device=self.device_
+        )  # copy: X may be read-only
 
     # -------------------------------------------------------------------- fit
     @_fit_context(prefer_skip_nested_validation=True)
@@ -103,14 +111,16 @@ class BaseResidualFlow(BaseEstimator):
         self
         """
         reset = not (self.warm_start and hasattr(self, "flow_"))
-        return self._fit(X, sample_weight, reset=reset, n_epochs=self.max_iter,
-                         warn=True)
+        return self._fit(
+            X, sample_weight, reset=reset, n_epochs=self.max_iter, warn=True
+        )
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None, sample_weight=None):
         """One more epoch over ``X`` (the first call builds the model from ``X``)."""
-        return self._fit(X, sample_weight, reset=not hasattr(self, "flow_"), n_epochs=1,
-                         warn=False)
+        return self._fit(
+            X, sample_weight, reset=not hasattr(self, "flow_"), n_epochs=1, warn=False
+        )
 
     def _fit(self, X, sample_weight, *, reset, n_epochs, warn):
         X = self._validate_X(X, reset=reset)
@@ -133,11 +143,13 @@ class BaseResidualFlow(BaseEstimator):
         else:
             flow = copy.deepcopy(self.flow_).float()
         self._configure_for_training(flow)
-        self._run_epochs(flow, (Xt[train], wt[train]), (Xt[val], wt[val]), n_epochs, warn)
+        self._run_epochs(
+            flow, (Xt[train], wt[train]), (Xt[val], wt[val]), n_epochs, warn
+        )
         return self
 
     def _split(self, n_samples):
-        """Random train/validation split (validation only when it leaves enough rows)."""
+        """Random train/validation split; validation only if it leaves enough rows."""
         perm = torch.randperm(n_samples, generator=self._generator)
         n_val = int(self.validation_fraction * n_samples)
         if n_val < 2 or n_samples - n_val < 2:
@@ -148,9 +160,13 @@ class BaseResidualFlow(BaseEstimator):
         n_train = train[0].shape[0]
         batch_size = min(self.batch_size, n_train)
         steps_per_epoch = -(-n_train // batch_size)
-        trainer = Trainer(flow, lr=self.learning_rate, total_steps=n_epochs * steps_per_epoch,
-                          warmup_steps=min(500, steps_per_epoch * max(n_epochs // 10, 1)),
-                          weight_decay=self.weight_decay)
+        trainer = Trainer(
+            flow,
+            lr=self.learning_rate,
+            total_steps=n_epochs * steps_per_epoch,
+            warmup_steps=min(500, steps_per_epoch * max(n_epochs // 10, 1)),
+            weight_decay=self.weight_decay,
+        )
         monitor = _EarlyStopping(self.n_iter_no_change, self.tol)
         start, stopped_early = time.perf_counter(), False
         try:
@@ -160,8 +176,11 @@ class BaseResidualFlow(BaseEstimator):
                 state = trainer.averaged_state()
                 val_nll = self._evaluate(flow, state, val) if val[0].shape[0] else None
                 self.n_iter_ += 1
-                record = {"epoch": self.n_iter_, "train_loss": train_nll,
-                          "seconds": time.perf_counter() - t0}
+                record = {
+                    "epoch": self.n_iter_,
+                    "train_loss": train_nll,
+                    "seconds": time.perf_counter() - t0,
+                }
                 if val_nll is not None:
                     record["val_loss"] = val_nll
                 self.history_.append(record)
@@ -170,18 +189,27 @@ class BaseResidualFlow(BaseEstimator):
                     stopped_early = True
                     break
         except KeyboardInterrupt:
-            warnings.warn(f"fit interrupted after {self.n_iter_} epochs; keeping the best "
-                          "model found so far.", UserWarning, stacklevel=3)
+            warnings.warn(
+                f"fit interrupted after {self.n_iter_} epochs; keeping the best "
+                "model found so far.",
+                UserWarning,
+                stacklevel=3,
+            )
             stopped_early = True
         if monitor.best_state is None:
-            raise RuntimeError("fit was interrupted before one epoch finished; "
-                               "no model was stored.")
+            raise RuntimeError(
+                "fit was interrupted before one epoch finished; no model was stored."
+            )
         self.flow_ = self._make_scorer(flow, monitor.best_state)
         if warn and not stopped_early and self.n_iter_no_change is not None:
             warnings.warn(
-                f"{type(self).__name__} reached max_iter={self.max_iter} epochs while the "
+                f"{type(self).__name__} reached max_iter={self.max_iter} epochs while "
+                "the "
                 "validation loss was still improving; increase max_iter (or "
-                "learning_rate) for a better model.", ConvergenceWarning, stacklevel=4)
+                "learning_rate) for a better model.",
+                ConvergenceWarning,
+                stacklevel=4,
+            )
 
     def _train_epoch(self, flow, trainer, train, batch_size):
         X, w = train
@@ -190,8 +218,9 @@ class BaseResidualFlow(BaseEstimator):
         total, weight = 0.0, 0.0
         for idx in perm.split(batch_size):
             xb, wb = X[idx].to(self.device_), w[idx].to(self.device_)
-            loss = trainer.step(lambda xb=xb, wb=wb: self._batch_loss(flow, xb, wb,
-                                                                      self._generator))
+            loss = trainer.step(
+                lambda xb=xb, wb=wb: self._batch_loss(flow, xb, wb, self._generator)
+            )
             if np.isfinite(loss):
                 total += loss * float(wb.sum())
                 weight += float(wb.sum())
@@ -218,16 +247,22 @@ class BaseResidualFlow(BaseEstimator):
             return
         remaining = elapsed / (epoch + 1) * (n_epochs - epoch - 1)
         val = f"  val NLL {record['val_loss']:.4f}" if "val_loss" in record else ""
-        print(f"epoch {record['epoch']:4d}/{n_epochs}  train NLL {record['train_loss']:.4f}"
-              f"{val}  {elapsed:6.1f}s elapsed, ~{remaining:.0f}s left", flush=True)
+        print(
+            f"epoch {record['epoch']:4d}/{n_epochs}  "
+            f"train NLL {record['train_loss']:.4f}"
+            f"{val}  {elapsed:6.1f}s elapsed, ~{remaining:.0f}s left",
+            flush=True,
+        )
 
     # --------------------------------------------------------------- scoring
     def _log_prob(self, flow, X):
         """Row-wise log-density in chunks small enough for exact Jacobians."""
         rows = max(1, 2**16 // max(1, X[0].numel()))
         with torch.no_grad():
-            out = [flow.log_prob(chunk.to(self.device_), self._scoring_generator())
-                   for chunk in X.split(rows)]
+            out = [
+                flow.log_prob(chunk.to(self.device_), self._scoring_generator())
+                for chunk in X.split(rows)
+            ]
         return torch.cat(out)
 
     def _scoring_generator(self):
@@ -258,8 +293,12 @@ class BaseResidualFlow(BaseEstimator):
             return
         device = self.device_
         if device.type == "cuda" and not torch.cuda.is_available():
-            warnings.warn(f"this model was fitted on {device} but CUDA is not available; "
-                          "it was loaded on the CPU.", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"this model was fitted on {device} but CUDA is not available; "
+                "it was loaded on the CPU.",
+                UserWarning,
+                stacklevel=2,
+            )
             device = torch.device("cpu")
         self.device_ = device
         self.flow_ = self.flow_.to(device)

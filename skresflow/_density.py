@@ -108,12 +108,28 @@ default="memory_efficient"
 
     _parameter_constraints = {**BaseResidualFlow._parameter_constraints}
 
-    def __init__(self, *, n_blocks=8, hidden_dims=(128, 128), lipschitz_coeff=0.97,
-                 activation="lipswish", logdet_estimator="auto", n_exact_terms=2,
-                 logdet_grad="memory_efficient", max_iter=100, batch_size=256,
-                 learning_rate=1e-3, weight_decay=0.0, validation_fraction=0.1,
-                 n_iter_no_change=10, tol=1e-4, random_state=None, device="auto",
-                 verbose=0, warm_start=False):
+    def __init__(
+        self,
+        *,
+        n_blocks=8,
+        hidden_dims=(128, 128),
+        lipschitz_coeff=0.97,
+        activation="lipswish",
+        logdet_estimator="auto",
+        n_exact_terms=2,
+        logdet_grad="memory_efficient",
+        max_iter=100,
+        batch_size=256,
+        learning_rate=1e-3,
+        weight_decay=0.0,
+        validation_fraction=0.1,
+        n_iter_no_change=10,
+        tol=1e-4,
+        random_state=None,
+        device="auto",
+        verbose=0,
+        warm_start=False,
+    ):
         self.n_blocks = n_blocks
         self.hidden_dims = hidden_dims
         self.lipschitz_coeff = lipschitz_coeff
@@ -142,14 +158,19 @@ default="memory_efficient"
         std = torch.where(std > 0, std, torch.ones_like(std))  # constant columns
         layers = [FixedAffine(mean, std)]
         for _ in range(self.n_blocks):
-            branch = mlp_branch(d, tuple(self.hidden_dims), activation=self.activation,
-                                coeff=self.lipschitz_coeff)
+            branch = mlp_branch(
+                d,
+                tuple(self.hidden_dims),
+                activation=self.activation,
+                coeff=self.lipschitz_coeff,
+            )
             layers += [ActNorm(d), ResidualBlock(branch)]
         layers.append(ActNorm(d))
         flow = Flow(layers, (d,))
         with torch.no_grad():  # data-dependent ActNorm initialisation on a large batch
-            flow.configure_logdet(estimator="exact" if d <= 64 else "truncated",
-                                  n_exact_terms=1)
+            flow.configure_logdet(
+                estimator="exact" if d <= 64 else "truncated", n_exact_terms=1
+            )
             idx = torch.randperm(X.shape[0], generator=self._generator)[:2048]
             flow(X[idx])
         return flow
@@ -157,23 +178,35 @@ default="memory_efficient"
     def _resolved_estimator(self):
         if self.logdet_estimator != "auto":
             return self.logdet_estimator
-        return "exact" if self.n_features_in_ <= EXACT_TRAIN_MAX_FEATURES else "unbiased"
+        return (
+            "exact" if self.n_features_in_ <= EXACT_TRAIN_MAX_FEATURES else "unbiased"
+        )
 
     def _configure_for_training(self, flow):
         self.logdet_estimator_ = self._resolved_estimator()
         n_terms = self.n_exact_terms
         if self.logdet_estimator_ == "truncated":
             n_terms = max(n_terms, 1)
-        flow.configure_logdet(estimator=self.logdet_estimator_, n_exact_terms=n_terms,
-                              grad=self.logdet_grad, probe_sharing="per_sample")
+        flow.configure_logdet(
+            estimator=self.logdet_estimator_,
+            n_exact_terms=n_terms,
+            grad=self.logdet_grad,
+            probe_sharing="per_sample",
+        )
 
     def _configure_for_scoring(self, flow):
-        exact = (self.logdet_estimator == "exact"
-                 or self.n_features_in_ <= EXACT_SCORE_MAX_FEATURES)
+        exact = (
+            self.logdet_estimator == "exact"
+            or self.n_features_in_ <= EXACT_SCORE_MAX_FEATURES
+        )
         self.scoring_estimator_ = "exact" if exact else "unbiased"
-        flow.configure_logdet(estimator=self.scoring_estimator_,
-                              n_exact_terms=max(SCORING_EXACT_TERMS, self.n_exact_terms),
-                              grad="naive", probe_sharing="row_hash", n_probes=4)
+        flow.configure_logdet(
+            estimator=self.scoring_estimator_,
+            n_exact_terms=max(SCORING_EXACT_TERMS, self.n_exact_terms),
+            grad="naive",
+            probe_sharing="row_hash",
+            n_probes=4,
+        )
 
     def score(self, X, y=None):
         """Mean log-density of the rows of ``X`` (higher is better).
@@ -226,9 +259,11 @@ default="memory_efficient"
         """
         check_is_fitted(self)
         if not isinstance(n_samples, int | np.integer) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer; got {n_samples!r} "
-                             "instead.")
+            raise ValueError(
+                f"n_samples must be a positive integer; got {n_samples!r} instead."
+            )
         generator = make_generator(random_state)
-        X = self.flow_.sample(int(n_samples), generator, dtype=torch.float64,
-                              device=self.device_)
+        X = self.flow_.sample(
+            int(n_samples), generator, dtype=torch.float64, device=self.device_
+        )
         return X.cpu().numpy()

@@ -13,8 +13,11 @@ __all__ = ["make_toy", "load_digits_images", "TOY_DATASETS"]
 def _moons(n, rng):
     t = rng.uniform(0, np.pi, n)
     upper = rng.integers(0, 2, n).astype(bool)
-    X = np.where(upper[:, None], np.stack([np.cos(t), np.sin(t)], 1),
-                 np.stack([1 - np.cos(t), 0.5 - np.sin(t)], 1))
+    X = np.where(
+        upper[:, None],
+        np.stack([np.cos(t), np.sin(t)], 1),
+        np.stack([1 - np.cos(t), 0.5 - np.sin(t)], 1),
+    )
     return X + 0.05 * rng.standard_normal((n, 2))
 
 
@@ -90,8 +93,9 @@ def make_toy(name, n_samples=4000, *, random_state=None):
     if name not in _TOYS:
         raise ValueError(f"name must be one of {TOY_DATASETS}; got {name!r} instead.")
     seed = check_random_state(random_state).randint(np.iinfo(np.int32).max)
-    return np.asarray(_TOYS[name](int(n_samples), np.random.default_rng(seed)),
-                      dtype=np.float64)
+    return np.asarray(
+        _TOYS[name](int(n_samples), np.random.default_rng(seed)), dtype=np.float64
+    )
 
 
 def load_digits_images():

@@ -21,7 +21,8 @@ SMALL = dict(n_blocks=2, hidden_dims=(16,), max_iter=3, batch_size=64, random_st
 EXPECTED_FAILURES = {
     "check_sample_weight_equivalence_on_dense_data": (
         "mini-batch training: repeating or removing rows changes which rows share a "
-        "batch, so the optimisation path (not the objective) differs"),
+        "batch, so the optimisation path (not the objective) differs"
+    ),
 }
 
 
@@ -30,8 +31,9 @@ def _expected_failures(estimator):
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
-@parametrize_with_checks([ResidualFlowDensity(**SMALL)],
-                         expected_failed_checks=_expected_failures)
+@parametrize_with_checks(
+    [ResidualFlowDensity(**SMALL)], expected_failed_checks=_expected_failures
+)
 def test_sklearn_compatible(estimator, check):
     check(estimator)
 
@@ -163,8 +165,9 @@ def test_history_and_verbose(moons, capsys):
 
 
 def test_early_stopping_restores_best(moons):
-    est = ResidualFlowDensity(**{**SMALL, "max_iter": 60, "n_iter_no_change": 2,
-                                 "tol": 10.0}).fit(moons)
+    est = ResidualFlowDensity(
+        **{**SMALL, "max_iter": 60, "n_iter_no_change": 2, "tol": 10.0}
+    ).fit(moons)
     assert est.n_iter_ == 3  # epoch 1 is the best; two epochs without a 10-nat gain
     assert est.score(moons) == pytest.approx(-est.history_[0]["val_loss"], abs=0.5)
 
@@ -215,8 +218,10 @@ def test_bad_data(X, match):
 
 def test_wrong_number_of_features(fitted):
     for method in ("score_samples", "transform", "inverse_transform", "score"):
-        with pytest.raises(ValueError, match="X has 3 features, but ResidualFlowDensity "
-                                             "is expecting 2 features"):
+        with pytest.raises(
+            ValueError,
+            match="X has 3 features, but ResidualFlowDensity is expecting 2 features",
+        ):
             getattr(fitted, method)(np.zeros((4, 3)))
 
 

@@ -13,8 +13,14 @@ from .logdet import _check_args, residual_logdet
 __all__ = ["ResidualBlock", "mlp_branch", "conv_branch"]
 
 
-def mlp_branch(n_features, hidden_dims=(128, 128), *, activation="lipswish",
-               coeff=0.97, preactivation=False):
+def mlp_branch(
+    n_features,
+    hidden_dims=(128, 128),
+    *,
+    activation="lipswish",
+    coeff=0.97,
+    preactivation=False,
+):
     """Residual branch ``Linear -> act -> ... -> Linear`` with ``Lip <= coeff^layers``.
 
     Parameters
@@ -30,7 +36,7 @@ def mlp_branch(n_features, hidden_dims=(128, 128), *, activation="lipswish",
     """
     dims = (n_features, *hidden_dims, n_features)
     layers = [make_activation(activation)] if preactivation else []
-    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
         if i:
             layers.append(make_activation(activation))
         layers.append(LipschitzLinear(d_in, d_out, coeff=coeff))
@@ -38,7 +44,7 @@ def mlp_branch(n_features, hidden_dims=(128, 128), *, activation="lipswish",
 
 
 def conv_branch(channels, hidden_channels=512, *, activation="lipswish", coeff=0.98):
-    """The reference image branch: act -> 3x3 conv -> act -> 1x1 conv -> act -> 3x3 conv.
+    """The reference image branch: act, 3x3 conv, act, 1x1 conv, act, 3x3 conv.
 
     Every convolution's *operator* norm is at most ``coeff``.
     """
@@ -53,7 +59,9 @@ def conv_branch(channels, hidden_channels=512, *, activation="lipswish", coeff=0
 
 
 def _lipschitz_layers(module):
-    return [m for m in module.modules() if isinstance(m, LipschitzLinear | LipschitzConv2d)]
+    return [
+        m for m in module.modules() if isinstance(m, LipschitzLinear | LipschitzConv2d)
+    ]
 
 
 class ResidualBlock(nn.Module):
@@ -73,27 +81,48 @@ class ResidualBlock(nn.Module):
     skresflow.core.logdet_estimate, skresflow.core.fixed_point_inverse
     """
 
-    def __init__(self, g, *, estimator="unbiased", n_exact_terms=2,
-                 grad="memory_efficient", **logdet_options):
+    def __init__(
+        self,
+        g,
+        *,
+        estimator="unbiased",
+        n_exact_terms=2,
+        grad="memory_efficient",
+        **logdet_options,
+    ):
         super().__init__()
         self.g = g
         self.logdet_config = {}
         self.inverse_config = {}
-        self.configure(estimator=estimator, n_exact_terms=n_exact_terms, grad=grad,
-                       **logdet_options)
+        self.configure(
+            estimator=estimator,
+            n_exact_terms=n_exact_terms,
+            grad=grad,
+            **logdet_options,
+        )
 
     def configure(self, **logdet_config):
         """Update the log-det settings (``estimator``, ``n_exact_terms``, ...)."""
         config = {**self.logdet_config, **logdet_config}
-        options = {k: v for k, v in config.items()
-                   if k not in ("estimator", "n_exact_terms", "grad")}
-        _check_args(torch.zeros(1, 1), config["estimator"], config["n_exact_terms"],
-                    config["grad"], options)
+        options = {
+            k: v
+            for k, v in config.items()
+            if k not in ("estimator", "n_exact_terms", "grad")
+        }
+        _check_args(
+            torch.zeros(1, 1),
+            config["estimator"],
+            config["n_exact_terms"],
+            config["grad"],
+            options,
+        )
         self.logdet_config = config
         return self
 
     def forward(self, x, generator=None):
-        gx, logdet = residual_logdet(self.g, x, generator=generator, **self.logdet_config)
+        gx, logdet = residual_logdet(
+            self.g, x, generator=generator, **self.logdet_config
+        )
         return x + gx, logdet
 
     def inverse(self, y):

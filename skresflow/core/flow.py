@@ -62,7 +62,7 @@ class Flow(nn.Module):
         return self.base_log_prob(z) + logdet
 
     def inverse(self, z, *, check=True):
-        """Map latent to data. With ``check``, verify every block is invertible first."""
+        """Map latent to data; with ``check``, verify every block is invertible."""
         if check:
             self.check_invertible()
         for layer in reversed(self.layers):
@@ -74,8 +74,12 @@ class Flow(nn.Module):
         ref = next(self.parameters(), torch.zeros(()))
         dtype, device = dtype or ref.dtype, device or ref.device
         gen_device = generator.device if generator is not None else device
-        z = torch.randn((n_samples, *self.event_shape), generator=generator,
-                        device=gen_device, dtype=dtype).to(device)
+        z = torch.randn(
+            (n_samples, *self.event_shape),
+            generator=generator,
+            device=gen_device,
+            dtype=dtype,
+        ).to(device)
         with torch.no_grad():
             return self.inverse(z)
 
@@ -86,7 +90,7 @@ class Flow(nn.Module):
         return self
 
     def configure_inverse(self, **config):
-        """Set ``atol``, ``rtol``, ``max_iter`` of the fixed-point inverse of all blocks."""
+        """Set ``atol``, ``rtol``, ``max_iter`` of every block's fixed-point inverse."""
         for block in self.blocks:
             block.inverse_config = dict(config)
         return self
@@ -101,12 +105,14 @@ class Flow(nn.Module):
         return [block.lipschitz_bound() for block in self.blocks]
 
     def check_invertible(self):
-        """Refresh the constraint and raise :class:`LipschitzError` if a bound is >= 1."""
+        """Refresh the constraint; raise :class:`LipschitzError` if a bound is >= 1."""
         self.refresh_lipschitz()
         for i, bound in enumerate(self.lipschitz_bounds()):
             if not bound < 1:
                 raise LipschitzError(
-                    f"residual block {i} has certified Lipschitz bound {bound:.4f} >= 1, "
+                    f"residual block {i} has certified Lipschitz bound {bound:.4f} "
+                    ">= 1, "
                     "so it may not be invertible; its weights were changed outside the "
                     "Lipschitz constraint or evaluated at an input size it was not "
-                    "normalised for.")
+                    "normalised for."
+                )

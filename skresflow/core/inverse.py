@@ -93,10 +93,13 @@ class _FixedPointInverse(torch.autograd.Function):
             warnings.warn(
                 f"fixed-point inverse did not converge for {n_failed} of {y.shape[0]} "
                 f"rows in {n_iter} iterations: largest residual ||x + g(x) - y||_inf = "
-                f"{residual.max().item():.3g} (tolerance {tol[failed].min().item():.3g}). "
+                f"{residual.max().item():.3g} "
+                f"(tolerance {tol[failed].min().item():.3g}). "
                 "Increase max_iter, loosen atol/rtol, or lower the Lipschitz "
                 "coefficient (the error shrinks by Lip(g) per iteration).",
-                InverseNotConvergedWarning, stacklevel=4)
+                InverseNotConvergedWarning,
+                stacklevel=4,
+            )
         ctx.g, ctx.tol, ctx.max_iter = g, (atol, rtol), max_iter
         ctx.save_for_backward(x, *params)
         return x
@@ -118,5 +121,7 @@ class _FixedPointInverse(torch.autograd.Function):
                 u = u_new
                 if done:
                     break
-            grads = torch.autograd.grad(gx, params, -u, allow_unused=True) if params else ()
+            grads = (
+                torch.autograd.grad(gx, params, -u, allow_unused=True) if params else ()
+            )
         return (None, None, None, None, u, *grads)

@@ -46,7 +46,9 @@ class ActNorm(nn.Module):
         with torch.no_grad():
             flat = x.transpose(0, 1).reshape(x.shape[1], -1)
             self.bias.copy_(-flat.mean(1))
-            self.log_scale.copy_(-0.5 * flat.var(1, unbiased=False).clamp_min(0.2).log())
+            self.log_scale.copy_(
+                -0.5 * flat.var(1, unbiased=False).clamp_min(0.2).log()
+            )
             self.initialized.fill_(True)
 
     def forward(self, x, generator=None):
@@ -87,7 +89,9 @@ class Squeeze(nn.Module):
     def forward(self, x, generator=None):
         b, c, h, w = x.shape
         if h % 2 or w % 2:
-            raise ValueError(f"Squeeze needs even height and width; got {h}x{w} instead.")
+            raise ValueError(
+                f"Squeeze needs even height and width; got {h}x{w} instead."
+            )
         y = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
         return y.reshape(b, 4 * c, h // 2, w // 2), x.new_zeros(b)
 

@@ -8,7 +8,6 @@ edit), the next forward pass runs power iteration, warm-started from the stored
 vectors, until the relative change of ``sigma`` falls below ``rtol``.
 """
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,12 +51,15 @@ class _LipschitzMixin:
             u, v = self._vectors(w)
             stored = self.sigma.to(w)
             sigma_old = stored if torch.isfinite(stored) else None
-            for n_iter in range(1, self.max_power_iter + 1):
+            for n_iter in range(1, self.max_power_iter + 1):  # noqa: B007
                 v = _normalize(self._op_adjoint(u, w))
                 wv = self._op(v, w)
                 sigma = wv.norm()
                 u = wv / sigma.clamp_min(1e-12)
-                if sigma_old is not None and abs(sigma - sigma_old) <= self.rtol * sigma:
+                if (
+                    sigma_old is not None
+                    and abs(sigma - sigma_old) <= self.rtol * sigma
+                ):
                     break
                 sigma_old = sigma
             if n_iter > 1 or sigma_old is None:
@@ -114,8 +116,16 @@ class LipschitzLinear(_LipschitzMixin, nn.Linear):
     True
     """
 
-    def __init__(self, in_features, out_features, bias=True, *, coeff=0.97,
-                 rtol=1e-3, max_power_iter=200):
+    def __init__(
+        self,
+        in_features,
+        out_features,
+        bias=True,
+        *,
+        coeff=0.97,
+        rtol=1e-3,
+        max_power_iter=200,
+    ):
         super().__init__(in_features, out_features, bias=bias)
         self._init_lipschitz(coeff, rtol, max_power_iter)
         g = torch.Generator().manual_seed(0)
@@ -165,12 +175,22 @@ class LipschitzConv2d(_LipschitzMixin, nn.Conv2d):
         As in :class:`LipschitzLinear`.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, bias=True, *,
-                 coeff=0.97, rtol=1e-3, max_power_iter=200):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        bias=True,
+        *,
+        coeff=0.97,
+        rtol=1e-3,
+        max_power_iter=200,
+    ):
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd; got {kernel_size} instead.")
-        super().__init__(in_channels, out_channels, kernel_size,
-                         padding=kernel_size // 2, bias=bias)
+        super().__init__(
+            in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias
+        )
         self._init_lipschitz(coeff, rtol, max_power_iter)
         self.register_buffer("_u", torch.zeros(0))
         self.register_buffer("_v", torch.zeros(0))
@@ -217,12 +237,12 @@ class LipschitzConv2d(_LipschitzMixin, nn.Conv2d):
         """
         spatial = spatial or self._spatial
         if spatial is None:
-            raise RuntimeError("lipschitz_bound needs the input size: call forward first.")
+            raise RuntimeError(
+                "lipschitz_bound needs the input size: call forward first."
+            )
         k = self.kernel_size[0]
         n_h, n_w = spatial[0] + k - 1, spatial[1] + k - 1
         with torch.no_grad():
             w = self.normalized_weight().double()
             spectrum = torch.fft.fft2(w, s=(n_h, n_w)).permute(2, 3, 0, 1)
             return torch.linalg.matrix_norm(spectrum, ord=2).max().item()
-
-

@@ -45,8 +45,16 @@ _DEFAULT_OPTIONS = {
 }
 
 
-def logdet_estimate(g, x, *, estimator="unbiased", n_exact_terms=2,
-                    grad="memory_efficient", generator=None, **options):
+def logdet_estimate(
+    g,
+    x,
+    *,
+    estimator="unbiased",
+    n_exact_terms=2,
+    grad="memory_efficient",
+    generator=None,
+    **options,
+):
     r"""Estimate :math:`\log\det(I + J_g(x))` row by row.
 
     Parameters
@@ -113,12 +121,27 @@ default="memory_efficient"
     >>> bool(torch.allclose(exact, brute.expand(5), atol=1e-5))
     True
     """
-    return residual_logdet(g, x, estimator=estimator, n_exact_terms=n_exact_terms,
-                           grad=grad, generator=generator, **options)[1]
+    return residual_logdet(
+        g,
+        x,
+        estimator=estimator,
+        n_exact_terms=n_exact_terms,
+        grad=grad,
+        generator=generator,
+        **options,
+    )[1]
 
 
-def residual_logdet(g, x, *, estimator="unbiased", n_exact_terms=2,
-                    grad="memory_efficient", generator=None, **options):
+def residual_logdet(
+    g,
+    x,
+    *,
+    estimator="unbiased",
+    n_exact_terms=2,
+    grad="memory_efficient",
+    generator=None,
+    **options,
+):
     """Like :func:`logdet_estimate`, but also return ``g(x)`` from the same pass.
 
     Returns
@@ -135,8 +158,17 @@ def residual_logdet(g, x, *, estimator="unbiased", n_exact_terms=2,
         if estimator == "exact":
             gx, logdet = _exact(g, xg, create_graph=needs_grad)
         else:
-            gx, logdet = _series_estimate(g, xg, estimator, n_exact_terms, grad,
-                                          generator, opts, params, needs_grad)
+            gx, logdet = _series_estimate(
+                g,
+                xg,
+                estimator,
+                n_exact_terms,
+                grad,
+                generator,
+                opts,
+                params,
+                needs_grad,
+            )
     if not needs_grad:
         gx, logdet = gx.detach(), logdet.detach()
     return gx, logdet
@@ -144,34 +176,49 @@ def residual_logdet(g, x, *, estimator="unbiased", n_exact_terms=2,
 
 def _check_args(x, estimator, n_exact_terms, grad, options):
     if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}; got {estimator!r} instead.")
+        raise ValueError(
+            f"estimator must be one of {ESTIMATORS}; got {estimator!r} instead."
+        )
     if grad not in GRAD_MODES:
         raise ValueError(f"grad must be one of {GRAD_MODES}; got {grad!r} instead.")
     if not isinstance(n_exact_terms, int) or n_exact_terms < 0:
         raise ValueError(
-            f"n_exact_terms must be a non-negative int; got {n_exact_terms!r} instead.")
+            f"n_exact_terms must be a non-negative int; got {n_exact_terms!r} instead."
+        )
     if estimator == "truncated" and n_exact_terms < 1:
-        raise ValueError("the truncated estimator needs n_exact_terms >= 1; got 0 instead.")
+        raise ValueError(
+            "the truncated estimator needs n_exact_terms >= 1; got 0 instead."
+        )
     unknown = set(options) - set(_DEFAULT_OPTIONS)
     if unknown:
-        raise TypeError(f"unknown logdet options {sorted(unknown)}; "
-                        f"allowed: {sorted(_DEFAULT_OPTIONS)}.")
+        raise TypeError(
+            f"unknown logdet options {sorted(unknown)}; "
+            f"allowed: {sorted(_DEFAULT_OPTIONS)}."
+        )
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
-        raise ValueError("x must be a floating-point tensor of shape (batch, *event); "
-                         f"got {type(x).__name__} {tuple(getattr(x, 'shape', ()))} instead.")
+        raise ValueError(
+            "x must be a floating-point tensor of shape (batch, *event); "
+            f"got {type(x).__name__} {tuple(getattr(x, 'shape', ()))} instead."
+        )
     opts = {**_DEFAULT_OPTIONS, **options}
-    choices = {"probe": ("gaussian", "rademacher"),
-               "probe_sharing": ("per_sample", "shared", "row_hash"),
-               "roulette": ("geometric", "poisson")}
+    choices = {
+        "probe": ("gaussian", "rademacher"),
+        "probe_sharing": ("per_sample", "shared", "row_hash"),
+        "roulette": ("geometric", "poisson"),
+    }
     for name, allowed in choices.items():
         if opts[name] not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}; got {opts[name]!r} instead.")
+            raise ValueError(
+                f"{name} must be one of {allowed}; got {opts[name]!r} instead."
+            )
     if not 0 < opts["p"] < 1:
         raise ValueError(f"p must be in (0, 1); got {opts['p']!r} instead.")
     if not opts["lam"] > 0:
         raise ValueError(f"lam must be positive; got {opts['lam']!r} instead.")
     if not isinstance(opts["n_probes"], int) or opts["n_probes"] < 1:
-        raise ValueError(f"n_probes must be a positive int; got {opts['n_probes']!r} instead.")
+        raise ValueError(
+            f"n_probes must be a positive int; got {opts['n_probes']!r} instead."
+        )
     return opts
 
 
@@ -180,7 +227,9 @@ def _dot(a, b):
 
 
 def _vjp(gx, x, u, create_graph):
-    return torch.autograd.grad(gx, x, u, retain_graph=True, create_graph=create_graph)[0]
+    return torch.autograd.grad(gx, x, u, retain_graph=True, create_graph=create_graph)[
+        0
+    ]
 
 
 # ----------------------------------------------------------------------------- exact
@@ -190,9 +239,12 @@ def _exact(g, x, create_graph):
     d = math.prod(event)
     x_rep = x.repeat_interleave(d, dim=0)
     gx_rep = g(x_rep)
-    basis = torch.eye(d, dtype=x.dtype, device=x.device).repeat(b, 1).view(b * d, *event)
-    rows = torch.autograd.grad(gx_rep, x_rep, basis, create_graph=create_graph,
-                               retain_graph=True)[0]
+    basis = (
+        torch.eye(d, dtype=x.dtype, device=x.device).repeat(b, 1).view(b * d, *event)
+    )
+    rows = torch.autograd.grad(
+        gx_rep, x_rep, basis, create_graph=create_graph, retain_graph=True
+    )[0]
     jac = rows.reshape(b, d, d)
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
     logdet = torch.linalg.slogdet(eye + jac).logabsdet
@@ -211,7 +263,12 @@ def _roulette(estimator, n_exact_terms, opts, generator):
         n = int(math.floor(math.log1p(-u) / math.log(q))) + 1  # support {1, 2, ...}
         tail = [q ** (j - 1) for j in range(1, n + 1)]
     else:
-        lam, n, cdf, pmf = opts["lam"], 0, math.exp(-opts["lam"]), math.exp(-opts["lam"])
+        lam, n, cdf, pmf = (
+            opts["lam"],
+            0,
+            math.exp(-opts["lam"]),
+            math.exp(-opts["lam"]),
+        )
         while u >= cdf and pmf > 0:  # inverse CDF on support {0, 1, ...}
             n += 1
             pmf *= lam / n
@@ -245,7 +302,11 @@ def _probes(x, opts, generator):
     if opts["probe"] == "gaussian":
         v = torch.randn(shape, generator=generator, device=device, dtype=x.dtype)
     else:
-        v = torch.randint(0, 2, shape, generator=generator, device=device).to(x.dtype) * 2 - 1
+        v = (
+            torch.randint(0, 2, shape, generator=generator, device=device).to(x.dtype)
+            * 2
+            - 1
+        )
     v = v.to(x.device)
     v = v[:, _row_hash(x)] if sharing == "row_hash" else v.expand(n_probes, b, *event)
     return v.reshape(n_probes * b, *event)
@@ -263,8 +324,9 @@ def _power_series(gx, x, v, coeffs, *, create_graph, want_w):
     return est, w
 
 
-def _series_estimate(g, x, estimator, n_exact_terms, grad, generator, opts, params,
-                     needs_grad):
+def _series_estimate(
+    g, x, estimator, n_exact_terms, grad, generator, opts, params, needs_grad
+):
     coeffs = _roulette(estimator, n_exact_terms, opts, generator)
     v = _probes(x, opts, generator)
     n_probes, b = opts["n_probes"], x.shape[0]
@@ -278,12 +340,15 @@ def _series_estimate(g, x, estimator, n_exact_terms, grad, generator, opts, para
     if not coeffs:
         return gx, torch.zeros(b, dtype=x.dtype, device=x.device)
     if not needs_grad or grad == "naive":
-        est, _ = _power_series(gx_in, x_in, v, coeffs, create_graph=needs_grad,
-                               want_w=False)
+        est, _ = _power_series(
+            gx_in, x_in, v, coeffs, create_graph=needs_grad, want_w=False
+        )
         return gx, average(est)
     neumann = grad in ("neumann", "memory_efficient")
     with torch.no_grad():
-        est, w = _power_series(gx_in, x_in, v, coeffs, create_graph=False, want_w=neumann)
+        est, w = _power_series(
+            gx_in, x_in, v, coeffs, create_graph=False, want_w=neumann
+        )
     value = average(est)
     if grad == "neumann":
         surrogate = average(_dot(_vjp(gx_in, x_in, w, True), v))
@@ -295,7 +360,9 @@ def _series_estimate(g, x, estimator, n_exact_terms, grad, generator, opts, para
         if neumann:
             a_w = w * a.view(-1, *([1] * (w.dim() - 1)))
             return _dot(_vjp(gx_in, x_in, a_w, True), v).sum()
-        series, _ = _power_series(gx_in, x_in, v, coeffs, create_graph=True, want_w=False)
+        series, _ = _power_series(
+            gx_in, x_in, v, coeffs, create_graph=True, want_w=False
+        )
         return (a * series).sum()
 
     return gx, _DeferredLogdet.apply(value, weighted_objective, x, gx_in, *params)
@@ -322,7 +389,8 @@ class _DeferredLogdet(torch.autograd.Function):
     def backward(ctx, upstream):
         with torch.enable_grad():
             scalar = ctx.objective(upstream)
-            grads = torch.autograd.grad(scalar, ctx.inputs, retain_graph=True,
-                                        allow_unused=True)
+            grads = torch.autograd.grad(
+                scalar, ctx.inputs, retain_graph=True, allow_unused=True
+            )
         ctx.objective = ctx.inputs = None
         return (None, None, grads[0], None, *grads[1:])

@@ -41,17 +41,35 @@ class Trainer:
         :class:`NonFiniteLossError`.
     """
 
-    def __init__(self, module, *, lr, total_steps, warmup_steps=0, max_grad_norm=1.0,
-                 ema_decay=0.999, weight_decay=0.0, final_lr_fraction=0.05,
-                 max_bad_steps=5):
+    def __init__(
+        self,
+        module,
+        *,
+        lr,
+        total_steps,
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        ema_decay=0.999,
+        weight_decay=0.0,
+        final_lr_fraction=0.05,
+        max_bad_steps=5,
+    ):
         self.module = module
         self.params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.99),
-                                           weight_decay=weight_decay)
-        self.lr, self.total_steps, self.warmup_steps = lr, max(total_steps, 1), warmup_steps
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay
+        )
+        self.lr, self.total_steps, self.warmup_steps = (
+            lr,
+            max(total_steps, 1),
+            warmup_steps,
+        )
         self.final_lr_fraction = final_lr_fraction
         self.max_grad_norm, self.ema_decay, self.max_bad_steps = (
-            max_grad_norm, ema_decay, max_bad_steps)
+            max_grad_norm,
+            ema_decay,
+            max_bad_steps,
+        )
         self.n_steps = 0
         self.lr_scale = 1.0  # lowered after non-finite steps
         self.bad_steps = 0
@@ -76,7 +94,8 @@ class Trainer:
         if math.isfinite(value):
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(
-                self.params, self.max_grad_norm or float("inf"))
+                self.params, self.max_grad_norm or float("inf")
+            )
             if torch.isfinite(norm):
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.learning_rate()
@@ -91,9 +110,11 @@ class Trainer:
         self.lr_scale *= 0.5
         if self.bad_steps > self.max_bad_steps:
             raise NonFiniteLossError(
-                f"{self.bad_steps} consecutive training steps gave a non-finite loss or "
+                f"{self.bad_steps} consecutive training steps gave a non-finite "
+                "loss or "
                 f"gradient (learning rate lowered to {self.learning_rate():.3g}); the "
-                "weights were left at their last finite values.")
+                "weights were left at their last finite values."
+            )
         return value
 
     def _update_ema(self):
@@ -108,6 +129,6 @@ class Trainer:
         state = {k: v.clone() for k, v in self.module.state_dict().items()}
         if self.ema is not None:
             names = {id(p): n for n, p in self.module.named_parameters()}
-            for p, e in zip(self.params, self.ema):
+            for p, e in zip(self.params, self.ema, strict=True):
                 state[names[id(p)]] = e.clone()
         return state
