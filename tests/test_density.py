@@ -258,3 +258,39 @@ def test_divergent_learning_rate_never_leaves_a_nan_model(moons):
 
 def test_lipschitz_bound_holds_after_fit(fitted):
     assert all(bound < 1 for bound in fitted.flow_.lipschitz_bounds())
+
+
+def test_keyboard_interrupt_keeps_best_model(moons, monkeypatch):
+    from skresflow._base import BaseResidualFlow
+
+    original, calls = BaseResidualFlow._train_epoch, []
+
+    def interrupted(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(BaseResidualFlow, "_train_epoch", interrupted)
+    with pytest.warns(UserWarning, match="interrupted after 2 epochs"):
+        est = _fit(moons, max_iter=10)
+    assert est.n_iter_ == 2 and np.all(np.isfinite(est.score_samples(moons)))
+
+
+def test_non_finite_losses_are_skipped_then_reported(moons, monkeypatch):
+    from skresflow._base import BaseResidualFlow
+
+    def poisoned(self, flow, X, w, generator):
+        return torch.tensor(float("nan"), requires_grad=True)
+
+    monkeypatch.setattr(BaseResidualFlow, "_batch_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="consecutive training steps gave a "
+                                                 "non-finite loss"):
+        _fit(moons, max_iter=2)
+
+
+def test_unavailable_device_is_a_clear_error(moons):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        _fit(moons, device="cuda")
