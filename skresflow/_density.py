@@ -6,7 +6,7 @@ from sklearn.base import DensityMixin, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from ._base import BaseResidualFlow, make_generator
-from .core import ActNorm, FixedAffine, Flow, ResidualBlock, mlp_branch
+from .core import initialize_actnorm, standardizer, tabular_flow
 
 # Feature counts up to which the exact log-det is used ("auto"): for training, where
 # the d-fold batched Jacobian costs about as much as the 4-term unbiased series plus
@@ -151,29 +151,16 @@ default="memory_efficient"
 
     # ------------------------------------------------------------------ hooks
     def _build_flow(self, X, sample_weight):
-        d = X.shape[1]
-        w = sample_weight / sample_weight.sum()
-        mean = (w[:, None] * X).sum(0)
-        std = ((w[:, None] * (X - mean) ** 2).sum(0)).sqrt()
-        std = torch.where(std > 0, std, torch.ones_like(std))  # constant columns
-        layers = [FixedAffine(mean, std)]
-        for _ in range(self.n_blocks):
-            branch = mlp_branch(
-                d,
-                tuple(self.hidden_dims),
-                activation=self.activation,
-                coeff=self.lipschitz_coeff,
-            )
-            layers += [ActNorm(d), ResidualBlock(branch)]
-        layers.append(ActNorm(d))
-        flow = Flow(layers, (d,))
-        with torch.no_grad():  # data-dependent ActNorm initialisation on a large batch
-            flow.configure_logdet(
-                estimator="exact" if d <= 64 else "truncated", n_exact_terms=1
-            )
-            idx = torch.randperm(X.shape[0], generator=self._generator)[:2048]
-            flow(X[idx])
-        return flow
+        flow = tabular_flow(
+            X.shape[1],
+            n_blocks=self.n_blocks,
+            hidden_dims=tuple(self.hidden_dims),
+            activation=self.activation,
+            coeff=self.lipschitz_coeff,
+            preprocessing=standardizer(X, sample_weight),
+        )
+        idx = torch.randperm(X.shape[0], generator=self._generator)[:2048]
+        return initialize_actnorm(flow, X[idx])
 
     def _resolved_estimator(self):
         if self.logdet_estimator != "auto":

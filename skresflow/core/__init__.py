@@ -4,10 +4,11 @@ Nothing here imports scikit-learn or joblib; tensors in, tensors out.
 """
 
 from .activations import ACTIVATIONS, LipSwish, make_activation
+from .architectures import image_flow, initialize_actnorm, standardizer, tabular_flow
 from .blocks import ResidualBlock, conv_branch, mlp_branch
 from .flow import Flow, LipschitzError
 from .inverse import InverseNotConvergedWarning, fixed_point_inverse
-from .layers import ActNorm, FixedAffine, LogitTransform, Squeeze
+from .layers import ActNorm, FixedAffine, LogitTransform, Reshape, Squeeze
 from .lipschitz import LipschitzConv2d, LipschitzLinear
 from .logdet import ESTIMATORS, GRAD_MODES, logdet_estimate, residual_logdet
 
@@ -24,12 +25,17 @@ __all__ = [
     "LipschitzError",
     "LipschitzLinear",
     "LogitTransform",
+    "Reshape",
     "ResidualBlock",
     "Squeeze",
     "conv_branch",
     "fixed_point_inverse",
+    "image_flow",
+    "initialize_actnorm",
     "logdet_estimate",
     "make_activation",
     "mlp_branch",
     "residual_logdet",
+    "standardizer",
+    "tabular_flow",
 ]

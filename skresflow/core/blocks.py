@@ -142,6 +142,11 @@ class ResidualBlock(nn.Module):
         """
         return math.prod(layer.lipschitz_bound() for layer in _lipschitz_layers(self.g))
 
+    def estimated_lipschitz(self):
+        """``Lip(g)`` from the layers' exact (dense, small conv) or power-iteration
+        (large conv) operator norms: tight, but only certified for dense layers."""
+        return math.prod(layer.estimated_norm() for layer in _lipschitz_layers(self.g))
+
     def sigmas(self):
         """Current power-iteration estimates of each layer's unnormalised norm."""
         return [layer.sigma.item() for layer in _lipschitz_layers(self.g)]

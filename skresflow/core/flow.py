@@ -105,14 +105,15 @@ class Flow(nn.Module):
         return [block.lipschitz_bound() for block in self.blocks]
 
     def check_invertible(self):
-        """Refresh the constraint; raise :class:`LipschitzError` if a bound is >= 1."""
+        """Refresh the constraint; raise :class:`LipschitzError` if a block's
+        Lipschitz constant (:meth:`ResidualBlock.estimated_lipschitz`) is >= 1."""
         self.refresh_lipschitz()
-        for i, bound in enumerate(self.lipschitz_bounds()):
-            if not bound < 1:
+        for i, block in enumerate(self.blocks):
+            lip = block.estimated_lipschitz()
+            if not lip < 1:
                 raise LipschitzError(
-                    f"residual block {i} has certified Lipschitz bound {bound:.4f} "
-                    ">= 1, "
-                    "so it may not be invertible; its weights were changed outside the "
+                    f"residual block {i} has Lipschitz constant {lip:.4f} >= 1, so it "
+                    "may not be invertible; its weights were changed outside the "
                     "Lipschitz constraint or evaluated at an input size it was not "
                     "normalised for."
                 )

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["ActNorm", "Squeeze", "LogitTransform", "FixedAffine"]
+__all__ = ["ActNorm", "Squeeze", "LogitTransform", "FixedAffine", "Reshape"]
 
 
 def _per_feature(t, x):
@@ -133,3 +133,22 @@ class LogitTransform(nn.Module):
 
     def extra_repr(self):
         return f"alpha={self.alpha}"
+
+
+class Reshape(nn.Module):
+    """Reshape the event (not the batch) dimensions; volume preserving."""
+
+    def __init__(self, in_shape, out_shape):
+        super().__init__()
+        if math.prod(in_shape) != math.prod(out_shape):
+            raise ValueError(f"cannot reshape {in_shape} into {out_shape}.")
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+
+    def forward(self, x, generator=None):
+        return x.reshape(x.shape[0], *self.out_shape), x.new_zeros(x.shape[0])
+
+    def inverse(self, y):
+        return y.reshape(y.shape[0], *self.in_shape)
+
+    def extra_repr(self):
+        return f"{self.in_shape} -> {self.out_shape}"
