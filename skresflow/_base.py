@@ -21,7 +21,7 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
-from .core import ACTIVATIONS, GRAD_MODES
+from .core import ACTIVATIONS, GRAD_MODES, dequantize
 from .core.train import Trainer
 
 _LOGDET_ESTIMATORS = ("auto", "exact", "unbiased", "truncated")
@@ -49,7 +49,10 @@ class BaseResidualFlow(BaseEstimator):
     """Template for the estimators: subclasses build the flow and define the loss."""
 
     _parameter_constraints = {
-        "n_blocks": [Interval(Integral, 1, None, closed="left")],
+        "n_blocks": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
+        "n_bins": [Interval(Integral, 2, None, closed="left"), None],
+        "image_shape": ["array-like", None],
+        "hidden_channels": [Interval(Integral, 1, None, closed="left")],
         "hidden_dims": ["array-like"],
         "lipschitz_coeff": [Interval(Real, 0, 1, closed="neither")],
         "activation": [StrOptions(set(ACTIVATIONS))],
@@ -81,17 +84,72 @@ class BaseResidualFlow(BaseEstimator):
 
     def _batch_loss(self, flow, X, w, generator):
         """Weighted mean negative log-likelihood of one batch (honest value)."""
-        log_p = flow.log_prob(X, generator)
+        log_p = self._log_likelihood(flow, X, generator, noise="random")
         return -(w * log_p).sum() / w.sum()
 
     # ------------------------------------------------------------------- data
     def _validate_X(self, X, *, reset):
-        return validate_data(self, X, reset=reset, dtype=[np.float64, np.float32])
+        """Validate ``X`` and return it shaped ``(n_samples, *event_shape_)``."""
+        X = validate_data(
+            self, X, reset=reset, dtype=[np.float64, np.float32], allow_nd=True
+        )
+        event = self._event_shape(X)
+        if reset:
+            self.event_shape_, self._input_ndim = event, X.ndim
+        elif event != self.event_shape_:
+            raise ValueError(
+                f"X has rows of shape {event}, but {type(self).__name__} "
+                f"was fitted on rows of shape {self.event_shape_}."
+            )
+        if self.n_bins is not None:
+            bad = (X < 0) | (X > self.n_bins - 1) | (X != np.floor(X))
+            if bad.any():
+                raise ValueError(
+                    f"with n_bins={self.n_bins}, X must hold integers in "
+                    f"[0, {self.n_bins - 1}]; got {X[bad].ravel()[0]!r} instead."
+                )
+        return X.reshape(X.shape[0], *event)
+
+    def _event_shape(self, X):
+        if X.ndim == 3:
+            return (1, *X.shape[1:])
+        if X.ndim == 4:
+            return tuple(X.shape[1:])
+        if X.ndim != 2:
+            raise ValueError(f"X must have 2, 3 or 4 dimensions; got {X.ndim} instead.")
+        if self.image_shape is None:
+            return (X.shape[1],)
+        shape = tuple(int(s) for s in self.image_shape)
+        if len(shape) != 3 or int(np.prod(shape)) != X.shape[1]:
+            raise ValueError(
+                f"image_shape={self.image_shape!r} must be (C, H, W) with "
+                f"C * H * W = {X.shape[1]} (the number of columns of X)."
+            )
+        return shape
 
     def _to_tensor(self, X, dtype=torch.float64):
-        return torch.tensor(
-            X, dtype=dtype, device=self.device_
-        )  # copy: X may be read-only
+        # A copy: X may be read-only.
+        return torch.tensor(X, dtype=dtype, device=self.device_)
+
+    def _to_output(self, t):
+        """Tensor of rows -> float64 numpy array laid out like the training input."""
+        out = t.detach().cpu().double().numpy()
+        if self._input_ndim == 2:
+            return out.reshape(out.shape[0], -1)
+        if self._input_ndim == 3:
+            return out.reshape(out.shape[0], *self.event_shape_[1:])
+        return out
+
+    def _log_likelihood(self, flow, X, generator, *, noise):
+        """log p(x) per row; with ``n_bins``, the dequantisation lower bound."""
+        if self.n_bins is None:
+            return flow.log_prob(X, generator)
+        y, log_jacobian = dequantize(X, self.n_bins, generator, noise=noise)
+        return flow.log_prob(y, generator) + log_jacobian
+
+    def _training_view(self, X):
+        """Data as the flow sees it at build time (dequantised at the bin centres)."""
+        return X if self.n_bins is None else (X + 0.5) / self.n_bins
 
     # -------------------------------------------------------------------- fit
     @_fit_context(prefer_skip_nested_validation=True)
@@ -256,17 +314,27 @@ class BaseResidualFlow(BaseEstimator):
 
     # --------------------------------------------------------------- scoring
     def _log_prob(self, flow, X):
-        """Row-wise log-density in chunks small enough for exact Jacobians."""
-        rows = max(1, 2**16 // max(1, X[0].numel()))
+        """Row-wise log-likelihood, in chunks small enough for exact Jacobians."""
+        rows = max(1, 2**23 // self._scoring_cost_per_row())
         with torch.no_grad():
             out = [
-                flow.log_prob(chunk.to(self.device_), self._scoring_generator())
+                self._log_likelihood(
+                    flow,
+                    chunk.to(self.device_),
+                    self._scoring_generator(),
+                    noise="row_hash",
+                )
                 for chunk in X.split(rows)
             ]
         return torch.cat(out)
 
+    def _scoring_cost_per_row(self):
+        """Rough count of activations one row costs when scored (for chunking)."""
+        raise NotImplementedError
+
     def _scoring_generator(self):
-        # Fixed seed per call: with shared probes a row's value is deterministic.
+        # Fixed seed per call: with row-hashed probes and dequantisation noise a
+        # row's value is deterministic and independent of the rest of the call.
         return torch.Generator(device=self.device_).manual_seed(0)
 
     def score_samples(self, X):

@@ -6,11 +6,12 @@ Nothing here imports scikit-learn or joblib; tensors in, tensors out.
 from .activations import ACTIVATIONS, LipSwish, make_activation
 from .architectures import image_flow, initialize_actnorm, standardizer, tabular_flow
 from .blocks import ResidualBlock, conv_branch, mlp_branch
+from .dequantize import dequantize, quantize
 from .flow import Flow, LipschitzError
 from .inverse import InverseNotConvergedWarning, fixed_point_inverse
 from .layers import ActNorm, FixedAffine, LogitTransform, Reshape, Squeeze
 from .lipschitz import LipschitzConv2d, LipschitzLinear
-from .logdet import ESTIMATORS, GRAD_MODES, logdet_estimate, residual_logdet
+from .logdet import ESTIMATORS, GRAD_MODES, logdet_estimate, residual_logdet, row_hash
 
 __all__ = [
     "ACTIVATIONS",
@@ -29,13 +30,16 @@ __all__ = [
     "ResidualBlock",
     "Squeeze",
     "conv_branch",
+    "dequantize",
     "fixed_point_inverse",
     "image_flow",
     "initialize_actnorm",
     "logdet_estimate",
     "make_activation",
     "mlp_branch",
+    "quantize",
     "residual_logdet",
+    "row_hash",
     "standardizer",
     "tabular_flow",
 ]

@@ -104,7 +104,7 @@ def image_flow(
         )
         layers += [ActNorm(d), ResidualBlock(branch)]
     layers.append(ActNorm(d))
-    return Flow(layers, tuple(image_shape))
+    return Flow(layers, tuple(image_shape), latent_shape=(d,))
 
 
 def initialize_actnorm(flow, X):

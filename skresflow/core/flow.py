@@ -24,6 +24,8 @@ class Flow(nn.Module):
         data to latent.
     event_shape : tuple of int
         Shape of one sample (without the batch dimension).
+    latent_shape : tuple of int, optional
+        Shape of one latent code, when the layers reshape (default: event_shape).
 
     Examples
     --------
@@ -35,10 +37,11 @@ class Flow(nn.Module):
     torch.Size([5])
     """
 
-    def __init__(self, layers, event_shape):
+    def __init__(self, layers, event_shape, latent_shape=None):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.event_shape = tuple(event_shape)
+        self.latent_shape = tuple(latent_shape or event_shape)
 
     @property
     def blocks(self):
@@ -53,7 +56,7 @@ class Flow(nn.Module):
         return x, logdet
 
     def base_log_prob(self, z):
-        d = math.prod(self.event_shape)
+        d = math.prod(self.latent_shape)
         return -0.5 * z.flatten(1).pow(2).sum(1) - 0.5 * d * math.log(2 * math.pi)
 
     def log_prob(self, x, generator=None):
@@ -75,7 +78,7 @@ class Flow(nn.Module):
         dtype, device = dtype or ref.dtype, device or ref.device
         gen_device = generator.device if generator is not None else device
         z = torch.randn(
-            (n_samples, *self.event_shape),
+            (n_samples, *self.latent_shape),
             generator=generator,
             device=gen_device,
             dtype=dtype,

@@ -63,10 +63,11 @@ class ActNorm(nn.Module):
 
 
 class FixedAffine(nn.Module):
-    """``y = (x - shift) / scale`` with fixed (non-trained) per-feature statistics.
+    """``y = (x - shift) / scale`` with fixed (non-trained) statistics.
 
-    Used for the internal standardisation of tabular data; its log-det keeps
-    densities in the user's units.
+    ``shift`` and ``scale`` have the event shape (or broadcast to it). Used for
+    the internal standardisation of data; its log-det keeps densities in the
+    user's units.
     """
 
     def __init__(self, shift, scale):
@@ -75,12 +76,12 @@ class FixedAffine(nn.Module):
         self.register_buffer("scale", torch.as_tensor(scale).clone())
 
     def forward(self, x, generator=None):
-        y = (x - _per_feature(self.shift, x)) / _per_feature(self.scale, x)
-        logdet = -self.scale.log().sum() * _n_positions(x)
+        y = (x - self.shift) / self.scale
+        logdet = -self.scale.log().expand(x.shape[1:]).sum()
         return y, logdet.to(x.dtype).expand(x.shape[0])
 
     def inverse(self, y):
-        return y * _per_feature(self.scale, y) + _per_feature(self.shift, y)
+        return y * self.scale + self.shift
 
 
 class Squeeze(nn.Module):

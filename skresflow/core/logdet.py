@@ -31,7 +31,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["logdet_estimate", "residual_logdet", "ESTIMATORS", "GRAD_MODES"]
+__all__ = ["logdet_estimate", "residual_logdet", "row_hash", "ESTIMATORS", "GRAD_MODES"]
 
 ESTIMATORS = ("exact", "unbiased", "truncated")
 GRAD_MODES = ("memory_efficient", "neumann", "backward_in_forward", "naive")
@@ -284,13 +284,13 @@ def _roulette(estimator, n_exact_terms, opts, generator):
 _HASH_TABLE_SIZE = 256
 
 
-def _row_hash(x):
-    """Deterministic per-row integer from the bits of the row's values."""
+def row_hash(x, n_buckets):
+    """Deterministic integer in ``[0, n_buckets)`` per row, from the row's bits."""
     bits = x.detach().flatten(1).to(torch.float64).contiguous().view(torch.int64)
     weights = torch.arange(1, bits.shape[1] + 1, device=x.device) * 0x9E3779B1
     h = (bits ^ (bits >> 31)) * weights  # int64 arithmetic wraps around
     h = h.sum(1)
-    return (h ^ (h >> 29)).remainder(_HASH_TABLE_SIZE)
+    return (h ^ (h >> 29)).remainder(n_buckets)
 
 
 def _probes(x, opts, generator):
@@ -308,7 +308,11 @@ def _probes(x, opts, generator):
             - 1
         )
     v = v.to(x.device)
-    v = v[:, _row_hash(x)] if sharing == "row_hash" else v.expand(n_probes, b, *event)
+    v = (
+        v[:, row_hash(x, _HASH_TABLE_SIZE)]
+        if sharing == "row_hash"
+        else v.expand(n_probes, b, *event)
+    )
     return v.reshape(n_probes * b, *event)
 
 
