@@ -1,0 +1,126 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from skresflow import ResidualFlowDensity
+from skresflow.core import dequantize
+from skresflow.datasets import load_digits_images
+
+TINY = dict(
+    n_blocks=1,
+    hidden_channels=4,
+    hidden_dims=(16,),
+    max_iter=1,
+    batch_size=64,
+    random_state=0,
+    n_iter_no_change=None,
+)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    images, _ = load_digits_images()
+    return images[:300].astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def fitted(digits):
+    return ResidualFlowDensity(n_bins=17, **TINY).fit(digits)
+
+
+def test_shapes_and_layouts(fitted, digits):
+    assert fitted.event_shape_ == (1, 8, 8)
+    assert fitted.score_samples(digits[:5]).shape == (5,)
+    assert fitted.transform(digits[:5]).shape == (5, 64)
+    assert fitted.sample(4, random_state=0).shape == (4, 8, 8)
+    assert fitted.inverse_transform(fitted.transform(digits[:2])).shape == (2, 8, 8)
+
+
+def test_flattened_rows_with_image_shape_match_images(fitted, digits):
+    flat = ResidualFlowDensity(n_bins=17, image_shape=(1, 8, 8), **TINY)
+    flat.fit(digits.reshape(len(digits), -1))
+    np.testing.assert_allclose(
+        flat.score_samples(digits[:20].reshape(20, -1)),
+        fitted.score_samples(digits[:20]),
+        rtol=1e-10,
+    )
+    assert flat.sample(3, random_state=0).shape == (3, 64)
+
+
+def test_four_dimensional_input(digits):
+    est = ResidualFlowDensity(n_bins=17, **TINY).fit(digits[:, None])
+    assert est.event_shape_ == (1, 8, 8)
+    assert est.sample(2).shape == (2, 1, 8, 8)
+
+
+def test_scores_deterministic_and_batch_independent(fitted, digits):
+    full = fitted.score_samples(digits[:40])
+    np.testing.assert_array_equal(fitted.score_samples(digits[:40]), full)
+    np.testing.assert_allclose(fitted.score_samples(digits[5:9]), full[5:9], rtol=1e-12)
+
+
+def test_bits_per_dim_arithmetic(fitted, digits):
+    scores = fitted.score_samples(digits[:50])
+    assert fitted.bits_per_dim(digits[:50]) == pytest.approx(
+        -scores.mean() / (64 * math.log(2)), rel=1e-12
+    )
+    # The score is log p of the dequantised image minus D log K.
+    x = torch.tensor(digits[:50, None], dtype=torch.float64)
+    y, correction = dequantize(x, 17, fitted._scoring_generator(), noise="row_hash")
+    assert correction == pytest.approx(-64 * math.log(17))
+    with torch.no_grad():
+        manual = fitted.flow_.log_prob(y) + correction
+    np.testing.assert_allclose(scores, manual.numpy(), rtol=1e-10)
+
+
+def test_bits_per_dim_of_a_known_density():
+    # Independent uniform pixels on 0..K-1: any sensible model of them is close to
+    # log2(K) bits/dim; the dequantisation bound can only be above it.
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 4, size=(400, 1, 4, 4)).astype(float)
+    est = ResidualFlowDensity(n_bins=4, **{**TINY, "max_iter": 2}).fit(X)
+    bpd = est.bits_per_dim(rng.integers(0, 4, size=(300, 1, 4, 4)).astype(float))
+    assert 2.0 - 0.02 < bpd < 2.6
+
+
+def test_dequantisation_bound_is_below_the_discrete_log_probability():
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 3, size=(400, 2)).astype(float) + (rng.random((400, 1)) < 0.5)
+    est = ResidualFlowDensity(n_bins=4, **{**TINY, "max_iter": 2}).fit(X)
+    cell = torch.linspace(0.005, 0.995, 100, dtype=torch.float64)
+    offsets = torch.stack(torch.meshgrid(cell, cell, indexing="ij"), -1).reshape(-1, 2)
+    for point in ([0.0, 1.0], [2.0, 2.0]):
+        x = torch.tensor(point, dtype=torch.float64)
+        with torch.no_grad():
+            log_p = est.flow_.log_prob((x + offsets) / 4)
+        log_prob_discrete = (
+            torch.logsumexp(log_p, 0) - math.log(len(offsets)) - 2 * math.log(4)
+        )
+        bound = log_p.mean() - 2 * math.log(4)
+        assert bound <= log_prob_discrete + 1e-9
+
+
+def test_samples_are_valid_pixels(fitted):
+    samples = fitted.sample(50, random_state=1)
+    assert samples.min() >= 0 and samples.max() <= 16
+    np.testing.assert_array_equal(samples, np.round(samples))
+
+
+def test_non_integer_pixels_are_rejected(fitted, digits):
+    with pytest.raises(ValueError, match=r"must hold integers in \[0, 16\]"):
+        fitted.score_samples(digits[:3] + 0.5)
+    with pytest.raises(ValueError, match=r"must hold integers in \[0, 16\]"):
+        ResidualFlowDensity(n_bins=17, **TINY).fit(digits + 17)
+
+
+def test_wrong_image_shape(fitted, digits):
+    with pytest.raises(ValueError, match=r"rows of shape \(8, 8, 1\)"):
+        fitted.score_samples(digits[:3].reshape(3, 8, 8, 1))
+    with pytest.raises(ValueError, match="C \\* H \\* W = 64"):
+        ResidualFlowDensity(image_shape=(1, 8, 9), **TINY).fit(digits.reshape(300, -1))
+
+
+def test_lipschitz_bounds_hold_for_conv_blocks(fitted):
+    assert all(b < 1 for b in fitted.flow_.lipschitz_bounds())
