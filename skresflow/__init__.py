@@ -1,6 +1,7 @@
 """skresflow: Residual Flows (Chen et al., NeurIPS 2019) as scikit-learn estimators."""
 
 from ._density import ResidualFlowDensity
+from ._persistence import load
 
 __version__ = "0.1.0.dev0"
-__all__ = ["ResidualFlowDensity", "__version__"]
+__all__ = ["ResidualFlowDensity", "load", "__version__"]

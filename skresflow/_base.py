@@ -21,7 +21,7 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
-from .core import ACTIVATIONS, GRAD_MODES, dequantize
+from .core import ACTIVATIONS, GRAD_MODES, FixedAffine, dequantize
 from .core.train import Trainer
 
 _LOGDET_ESTIMATORS = ("auto", "exact", "unbiased", "truncated")
@@ -349,6 +349,56 @@ class BaseResidualFlow(BaseEstimator):
         return self._log_prob(self.flow_, self._to_tensor(X)).cpu().numpy()
 
     # ------------------------------------------------------------ persistence
+    def save(self, path):
+        """Write the fitted model to ``path`` as a safe file (tensors + JSON).
+
+        Read it back with :func:`skresflow.load`; no code is stored in or run
+        from the file. Pickle and joblib also work, for trusted files only.
+        """
+        check_is_fitted(self)
+        from ._persistence import save
+
+        save(self, path)
+
+    def _restore(self, metadata, state, device):
+        """Rebuild the fitted model from :func:`skresflow.load`'s pieces."""
+        from ._persistence import _params
+
+        fitted = metadata["fitted"]
+        for name, value in fitted.items():
+            if name == "feature_names_in_":
+                value = np.asarray(value, dtype=object)
+            elif name == "event_shape_":
+                value = tuple(value)
+            setattr(self, name, value)
+        wanted = device if device is not None else metadata["device"]
+        if (
+            device is None
+            and wanted.startswith("cuda")
+            and not torch.cuda.is_available()
+        ):
+            wanted = "cpu"
+        self.device_ = resolve_device(wanted)
+        self._generator = make_generator(_params(metadata["params"])["random_state"])
+        flow = self._make_flow(self._placeholder_preprocessing()).double()
+        try:
+            flow.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"model file weights do not match the architecture its "
+                f"parameters describe: {str(exc)[:300]}"
+            ) from None
+        self.flow_ = flow.eval().to(self.device_)
+        self._configure_for_scoring(self.flow_)
+        self.flow_.check_invertible()
+        return self
+
+    def _placeholder_preprocessing(self):
+        if len(self.event_shape_) == 3 and self.n_bins:
+            return "logit"
+        shape = self.event_shape_
+        return FixedAffine(torch.zeros(shape), torch.ones(shape))
+
     def __getstate__(self):
         state = self.__dict__.copy()
         if "flow_" in state:

@@ -190,9 +190,19 @@ default="memory_efficient"
 
     def _build_flow(self, X, sample_weight):
         X = self._training_view(X)
+        if self._is_image and self.n_bins:
+            preprocessing = "logit"
+        else:
+            preprocessing = standardizer(X, sample_weight)
+        flow = self._make_flow(preprocessing)
+        idx = torch.randperm(X.shape[0], generator=self._generator)[:2048]
+        return initialize_actnorm(flow, X[idx])
+
+    def _make_flow(self, preprocessing):
+        """The architecture for ``event_shape_``, before any data is seen."""
         if self._is_image:
             c, h, w = self.event_shape_
-            flow = image_flow(
+            return image_flow(
                 self.event_shape_,
                 n_scales=_n_scales(h, w),
                 n_blocks=4 if self.n_blocks == "auto" else self.n_blocks,
@@ -200,21 +210,16 @@ default="memory_efficient"
                 fc_hidden=max(self.hidden_dims),
                 activation=self.activation,
                 coeff=self.lipschitz_coeff,
-                preprocessing="logit"
-                if self.n_bins
-                else standardizer(X, sample_weight),
+                preprocessing=preprocessing,
             )
-        else:
-            flow = tabular_flow(
-                X.shape[1],
-                n_blocks=8 if self.n_blocks == "auto" else self.n_blocks,
-                hidden_dims=tuple(self.hidden_dims),
-                activation=self.activation,
-                coeff=self.lipschitz_coeff,
-                preprocessing=standardizer(X, sample_weight),
-            )
-        idx = torch.randperm(X.shape[0], generator=self._generator)[:2048]
-        return initialize_actnorm(flow, X[idx])
+        return tabular_flow(
+            self._n_dims,
+            n_blocks=8 if self.n_blocks == "auto" else self.n_blocks,
+            hidden_dims=tuple(self.hidden_dims),
+            activation=self.activation,
+            coeff=self.lipschitz_coeff,
+            preprocessing=preprocessing,
+        )
 
     def _scoring_cost_per_row(self):
         d = self._n_dims
