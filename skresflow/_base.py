@@ -251,7 +251,7 @@ class BaseResidualFlow(BaseEstimator):
                 f"fit interrupted after {self.n_iter_} epochs; keeping the best "
                 "model found so far.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=5,
             )
             stopped_early = True
         if monitor.best_state is None:
@@ -266,7 +266,7 @@ class BaseResidualFlow(BaseEstimator):
                 "validation loss was still improving; increase max_iter (or "
                 "learning_rate) for a better model.",
                 ConvergenceWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
 
     def _train_epoch(self, flow, trainer, train, batch_size):
