@@ -11,8 +11,18 @@ vectors, until the relative change of ``sigma`` falls below ``rtol``.
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = ["LipschitzLinear", "LipschitzConv2d"]
+
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_step(optimizer, args, kwargs):
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
 
 
 def _normalize(t, eps=1e-12):
@@ -32,7 +42,14 @@ class _LipschitzMixin:
 
     def _weight_key(self):
         w = self.weight
-        return (w._version, w.data_ptr(), w.dtype, w.device, self._operator_shape())
+        return (
+            w._version,
+            w.data_ptr(),
+            w.dtype,
+            w.device,
+            self._operator_shape(),
+            _OPTIMIZER_STEPS[0],
+        )
 
     def refresh(self, *, force=False):
         """Bring ``sigma`` back to tolerance if the weight changed (or if ``force``).
@@ -50,19 +67,24 @@ class _LipschitzMixin:
             w = self.weight.detach()
             u, v = self._vectors(w)
             stored = self.sigma.to(w)
-            sigma_old = stored if torch.isfinite(stored) else None
+            stored_ok = bool(torch.isfinite(stored))
+            sigma_old = stored if stored_ok else None
+            v_old = v
             for n_iter in range(1, self.max_power_iter + 1):  # noqa: B007
                 v = _normalize(self._op_adjoint(u, w))
                 wv = self._op(v, w)
                 sigma = wv.norm()
                 u = wv / sigma.clamp_min(1e-12)
+                # The singular vector's change bounds sigma's error (about
+                # rtol**2 / gap); sigma's own change does not.
                 if (
                     sigma_old is not None
                     and abs(sigma - sigma_old) <= self.rtol * sigma
+                    and (v - v_old).norm() <= self.rtol
                 ):
                     break
-                sigma_old = sigma
-            if n_iter > 1 or sigma_old is None:
+                sigma_old, v_old = sigma, v
+            if n_iter > 1 or not stored_ok:
                 self._u.copy_(u)
                 self._v.copy_(v)
                 self.sigma.copy_(sigma)
@@ -75,7 +97,8 @@ class _LipschitzMixin:
             # sigma = u^T W v with u, v fixed: differentiable, as in spectral norm.
             # The clones keep later in-place refreshes from corrupting this graph.
             u, v = self._u.clone(), self._v.clone()
-            return (u * self._op(v, w)).sum()
+            s = (u * self._op(v, w)).sum()
+            return self.sigma.clone() + (s - s.detach())
         return self.sigma
 
     def normalized_weight(self):

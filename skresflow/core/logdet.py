@@ -356,7 +356,7 @@ def _series_estimate(
     value = average(est)
     if grad == "neumann":
         surrogate = average(_dot(_vjp(gx_in, x_in, w, True), v))
-        return gx, value + surrogate - surrogate.detach()
+        return gx, value + (surrogate - surrogate.detach())
 
     def weighted_objective(upstream):
         # upstream: dL/dlogdet per row; each probe row carries 1/n_probes of it.
@@ -396,5 +396,4 @@ class _DeferredLogdet(torch.autograd.Function):
             grads = torch.autograd.grad(
                 scalar, ctx.inputs, retain_graph=True, allow_unused=True
             )
-        ctx.objective = ctx.inputs = None
         return (None, None, grads[0], None, *grads[1:])

@@ -1,0 +1,272 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from oracles import DTYPE, randn
+
+from skresflow.core import LipschitzConv2d, LipschitzLinear
+
+COEFF = 0.9
+# Refresh tests tell "re-estimated" from "stale" (a stale sigma overshoots coeff by
+# 50% or more there), so they allow the power iteration's own error, which reaches
+# 10-25% when a weight has no spectral gap (see test_power_iteration_accurate_...).
+REFRESH_SLACK = 0.25
+
+
+def spectral_norm(matrix):
+    return torch.linalg.matrix_norm(matrix.detach(), ord=2).item()
+
+
+def linear_with_spectrum(n_out, n_in, top, seed, coeff=COEFF):
+    """A layer whose weight has singular values ``top, top/2, ..., top/10``: a clear
+    spectral gap, so power iteration to rtol must land within about rtol of ``top``."""
+    layer = LipschitzLinear(n_in, n_out, coeff=coeff).to(DTYPE)
+    rank = min(n_in, n_out)
+    q_out = torch.linalg.qr(randn(n_out, n_out, seed=seed)).Q[:, :rank]
+    q_in = torch.linalg.qr(randn(n_in, n_in, seed=seed + 1)).Q[:, :rank]
+    s = torch.cat([torch.tensor([top], dtype=DTYPE),
+                   torch.linspace(top / 2, top / 10, rank - 1, dtype=DTYPE)])
+    with torch.no_grad():
+        layer.weight.copy_(q_out @ torch.diag(s) @ q_in.t())
+        layer.bias.copy_(randn(n_out, seed=seed + 2))  # not torch's global generator
+    return layer
+
+
+def effective_weight(layer):
+    """The weight the forward pass really uses, read back from the layer's output."""
+    eye = torch.eye(layer.in_features, dtype=layer.weight.dtype)
+    return (layer(eye) - layer.bias).detach().t()
+
+
+# ----------------------------------------------------------------------------- linear
+@pytest.mark.parametrize("n_out, n_in", [(3, 5), (8, 8), (16, 4), (1, 6)])
+def test_linear_sigma_matches_exact_spectral_norm(n_out, n_in):
+    layer = linear_with_spectrum(n_out, n_in, top=3.0, seed=n_out)
+    layer(torch.zeros(1, n_in, dtype=DTYPE))
+    exact = spectral_norm(layer.weight)
+    # Power iteration gives a Rayleigh quotient: never above the true norm.
+    assert layer.sigma.item() <= exact * (1 + 1e-12)
+    assert layer.sigma.item() >= exact * (1 - 1e-2)
+
+
+@pytest.mark.parametrize("n_out, n_in", [(3, 5), (8, 8), (16, 4)])
+def test_linear_normalized_weight_norm_is_at_most_coeff(n_out, n_in):
+    layer = linear_with_spectrum(n_out, n_in, top=3.0, seed=n_out)
+    norm = spectral_norm(effective_weight(layer))
+    # sigma underestimates, so the normalised norm sits just above coeff, never below.
+    assert COEFF * (1 - 1e-12) <= norm <= COEFF * (1 + 1e-2)
+
+
+def test_linear_small_weight_is_left_unchanged():
+    layer = linear_with_spectrum(4, 3, top=0.5, seed=0)
+    torch.testing.assert_close(layer.normalized_weight(), layer.weight, rtol=0, atol=0)
+
+
+def test_linear_lipschitz_bound_is_exact_norm_of_normalized_weight():
+    layer = linear_with_spectrum(5, 7, top=2.0, seed=3)
+    expected = spectral_norm(layer.normalized_weight())
+    assert layer.lipschitz_bound() == pytest.approx(expected, rel=1e-12)
+
+
+def test_linear_train_and_eval_outputs_agree():
+    layer = linear_with_spectrum(4, 4, top=2.0, seed=5)
+    x = randn(6, 4, seed=6)
+    train_out = layer(x)  # differentiable sigma = u^T W v
+    layer.eval()
+    torch.testing.assert_close(layer(x), train_out, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_power_iteration_accurate_for_random_weights(kind):
+    errors = []
+    for seed in range(40 if kind == "linear" else 10):
+        if kind == "linear":
+            layer = LipschitzLinear(2, 32, coeff=COEFF).to(DTYPE)
+            shape, x = (32, 2), torch.zeros(1, 2, dtype=DTYPE)
+        else:
+            layer = LipschitzConv2d(2, 3, 3, coeff=COEFF).to(DTYPE)
+            shape, x = (3, 2, 3, 3), torch.zeros(1, 2, 5, 5, dtype=DTYPE)
+        with torch.no_grad():
+            layer.weight.copy_(randn(*shape, seed=seed))
+        layer(x)
+        exact = (spectral_norm(layer.weight) if kind == "linear"
+                 else spectral_norm(conv_operator(layer.weight, (2, 5, 5))))
+        errors.append(1 - layer.sigma.item() / exact)
+    assert max(errors) <= 1e-2
+
+
+def grow_weight_with_adam(layer, n_steps, **adam_options):
+    """Large Adam steps on a loss that pushes the output up; yields after each step."""
+    x = randn(32, layer.in_features, seed=11)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1.0, **adam_options)
+    for _ in range(n_steps):
+        optimizer.zero_grad()
+        (-layer(x).pow(2).sum()).backward()
+        optimizer.step()
+        yield
+
+
+@pytest.mark.parametrize("adam_options", [
+    pytest.param({"foreach": False}, id="for-loop"),
+    pytest.param({"foreach": True}, id="foreach"),
+    pytest.param({"fused": True}, id="fused"),
+])
+def test_linear_bound_holds_after_every_optimizer_step(adam_options):
+    layer = linear_with_spectrum(6, 6, top=3.0, seed=2)
+    layer(torch.zeros(1, 6, dtype=DTYPE))
+    sigma_before = layer.sigma.item()
+    norms, raw_growth = [], []
+    for _ in grow_weight_with_adam(layer, 5, **adam_options):
+        raw_growth.append(spectral_norm(layer.weight) / sigma_before)
+        norms.append(spectral_norm(effective_weight(layer)))  # no manual refresh
+    # The steps moved the weight enough that a stale sigma would break the bound ...
+    assert max(raw_growth) > 1.5
+    # ... yet the forward pass kept re-normalising.
+    assert max(norms) <= COEFF * (1 + REFRESH_SLACK)
+
+
+def test_linear_refreshes_after_load_state_dict():
+    source = linear_with_spectrum(5, 4, top=3.0, seed=7)
+    target = linear_with_spectrum(5, 4, top=3.0, seed=8)
+    source(torch.zeros(1, 4, dtype=DTYPE))
+    target(torch.zeros(1, 4, dtype=DTYPE))
+    state = source.state_dict()
+    state["weight"] = 10 * state["weight"]  # the saved sigma is now 10x too small
+    target.load_state_dict(state)
+    norm = spectral_norm(effective_weight(target))
+    assert COEFF * (1 - 1e-12) <= norm <= COEFF * (1 + 1e-2)  # 10x keeps the gap
+
+
+def test_linear_refreshes_after_double():
+    layer = linear_with_spectrum(5, 4, top=3.0, seed=9).float()
+    layer(torch.zeros(1, 4))
+    layer.double()
+    weight = effective_weight(layer)
+    assert weight.dtype == torch.float64 and layer.sigma.dtype == torch.float64
+    assert spectral_norm(weight) <= COEFF * (1 + 1e-2)  # this weight has a gap
+    torch.testing.assert_close(layer.sigma, torch.tensor(3.0, dtype=DTYPE), rtol=1e-2,
+                               atol=0)
+
+
+def test_linear_normalization_is_the_same_with_and_without_grad_after_a_small_step():
+    layer = linear_with_spectrum(6, 6, top=3.0, seed=2)
+    layer(torch.zeros(1, 6, dtype=DTYPE))
+    with torch.no_grad():
+        layer.weight.mul_(1 + 2e-4)  # a small, version-counted update
+    with_grad = layer.normalized_weight().detach()
+    with torch.no_grad():
+        without_grad = layer.normalized_weight()
+    torch.testing.assert_close(with_grad, without_grad, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("coeff", [0.0, -0.5])
+def test_non_positive_coeff_raises(coeff):
+    with pytest.raises(ValueError, match=f"coeff must be positive; got {coeff}"):
+        LipschitzLinear(3, 3, coeff=coeff)
+
+
+# ------------------------------------------------------------------------------- conv
+def conv_operator(weight, in_shape):
+    """The matrix of the stride-1 'same' convolution on inputs of ``in_shape``: one
+    column per basis image."""
+    n_in = in_shape[0] * in_shape[1] * in_shape[2]
+    basis = torch.eye(n_in, dtype=weight.dtype).view(n_in, *in_shape)
+    out = F.conv2d(basis, weight.detach(), padding=weight.shape[-1] // 2)
+    return out.flatten(1).t()
+
+
+def seeded_conv(c_in, c_out, k, seed, coeff=COEFF):
+    layer = LipschitzConv2d(c_in, c_out, k, coeff=coeff).to(DTYPE)
+    with torch.no_grad():
+        layer.weight.copy_(randn(c_out, c_in, k, k, seed=seed))
+        layer.bias.copy_(randn(c_out, seed=seed + 1))
+    return layer
+
+
+CONV_CASES = [(2, 3, 3, (5, 5), 0), (2, 3, 3, (5, 5), 1), (2, 2, 3, (4, 6), 2),
+              (3, 2, 5, (6, 5), 1), (2, 3, 1, (4, 4), 0)]
+
+
+@pytest.mark.parametrize("c_in, c_out, k, spatial, seed", CONV_CASES)
+def test_conv_sigma_matches_exact_operator_norm(c_in, c_out, k, spatial, seed):
+    layer = seeded_conv(c_in, c_out, k, seed)
+    layer(torch.zeros(1, c_in, *spatial, dtype=DTYPE))
+    exact = spectral_norm(conv_operator(layer.weight, (c_in, *spatial)))
+    assert exact * (1 - 1e-2) <= layer.sigma.item() <= exact * (1 + 1e-12)
+    normalized_op = conv_operator(layer.normalized_weight(), (c_in, *spatial))
+    normalized = spectral_norm(normalized_op)
+    assert COEFF * (1 - 1e-12) <= normalized <= COEFF * (1 + 1e-2)
+
+
+def test_conv_sigma_is_not_the_flattened_kernel_norm():
+    layer = seeded_conv(2, 3, 3, seed=0)
+    layer(torch.zeros(1, 2, 5, 5, dtype=DTYPE))
+    kernel_norm = spectral_norm(layer.weight.flatten(1))
+    assert layer.sigma.item() > 1.5 * kernel_norm
+
+
+@pytest.mark.parametrize("c_in, c_out, k, spatial, seed", CONV_CASES)
+def test_conv_certificate_bounds_exact_norm(c_in, c_out, k, spatial, seed):
+    layer = seeded_conv(c_in, c_out, k, seed)
+    layer(torch.zeros(1, c_in, *spatial, dtype=DTYPE))
+    exact = spectral_norm(conv_operator(layer.normalized_weight(), (c_in, *spatial)))
+    bound = layer.lipschitz_bound()
+    assert exact * (1 - 1e-12) <= bound <= 1.5 * exact
+    if k == 1:  # a 1x1 conv is the channel matrix at every pixel: the bound is exact
+        assert bound == pytest.approx(exact, rel=1e-10)
+
+
+def rayleigh_norm(layer, spatial, n_iter=2000):
+    """A lower bound on the normalised conv's operator norm: many power iterations."""
+    w = layer.normalized_weight().detach()
+    v = randn(1, layer.in_channels, *spatial, seed=0)
+    for _ in range(n_iter):
+        v = F.conv_transpose2d(F.conv2d(v, w, padding=layer.padding), w,
+                               padding=layer.padding)
+        v = v / v.norm()
+    return F.conv2d(v, w, padding=layer.padding).norm().item()
+
+
+def test_conv_fft_certificate_on_a_large_input():
+    layer = seeded_conv(2, 2, 3, seed=0)
+    layer(torch.zeros(1, 2, 33, 33, dtype=DTYPE))  # too big to build: the FFT bound
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    lower = rayleigh_norm(layer, (33, 33))  # converged to ~1e-12 here
+    assert lower * (1 - 1e-12) <= layer.lipschitz_bound() <= 1.1 * lower
+    # Not certified, but tight: a power iteration, so from below.
+    assert lower * (1 - 1e-2) <= layer.estimated_norm() <= lower * (1 + 1e-12)
+    for key, value in layer.state_dict().items():  # estimating changes nothing
+        assert torch.equal(value, state[key])
+
+
+def test_conv_reestimates_when_input_size_changes():
+    layer = seeded_conv(2, 3, 3, seed=0)
+    layer(torch.zeros(1, 2, 2, 2, dtype=DTYPE))
+    small = spectral_norm(conv_operator(layer.weight, (2, 2, 2)))
+    large = spectral_norm(conv_operator(layer.weight, (2, 8, 8)))
+    assert large > 1.5 * small  # the test can tell the two estimates apart
+    layer(torch.zeros(1, 2, 8, 8, dtype=DTYPE))
+    assert large * (1 - 1e-2) <= layer.sigma.item() <= large * (1 + 1e-12)
+    normalized = spectral_norm(conv_operator(layer.normalized_weight(), (2, 8, 8)))
+    assert layer.lipschitz_bound() >= normalized * (1 - 1e-12)
+
+
+def test_conv_state_dict_round_trip_into_fresh_layer():
+    layer = seeded_conv(2, 3, 3, seed=1)
+    x = randn(2, 2, 5, 5, seed=2)
+    expected = layer(x)
+    fresh = LipschitzConv2d(2, 3, 3, coeff=COEFF).to(DTYPE)
+    fresh.load_state_dict(layer.state_dict())
+    # The input size travels with the state: the certificate needs no forward pass.
+    assert fresh.lipschitz_bound() == pytest.approx(layer.lipschitz_bound(), rel=1e-6)
+    torch.testing.assert_close(fresh(x), expected, rtol=1e-6, atol=1e-9)
+
+
+def test_conv_bound_before_forward_raises():
+    with pytest.raises(RuntimeError, match="needs the input size: call forward first"):
+        LipschitzConv2d(2, 2, 3).lipschitz_bound()
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_conv_even_kernel_raises(k):
+    with pytest.raises(ValueError, match=f"kernel_size must be odd; got {k} instead"):
+        LipschitzConv2d(2, 2, k)
