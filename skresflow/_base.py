@@ -53,6 +53,7 @@ class BaseResidualFlow(BaseEstimator):
         "n_bins": [Interval(Integral, 2, None, closed="left"), None],
         "image_shape": ["array-like", None],
         "hidden_channels": [Interval(Integral, 1, None, closed="left")],
+        "n_fc_blocks": [Interval(Integral, 0, None, closed="left")],
         "hidden_dims": ["array-like"],
         "lipschitz_coeff": [Interval(Real, 0, 1, closed="neither")],
         "activation": [StrOptions(set(ACTIVATIONS))],

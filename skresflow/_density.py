@@ -47,6 +47,9 @@ class ResidualFlowDensity(DensityMixin, TransformerMixin, BaseResidualFlow):
     hidden_channels : int, default=32
         Hidden channels of the convolutional branches (images only; the paper
         uses 512 on GPUs).
+    n_fc_blocks : int, default=2
+        Fully connected residual blocks after the last scale (images only; the
+        paper uses 4).
     n_bins : int or None, default=None
         Number of discrete levels (256 for 8-bit pixels, 17 for sklearn's
         digits): values must be integers in ``0..n_bins-1``. Training then
@@ -138,6 +141,7 @@ default="memory_efficient"
         n_blocks="auto",
         hidden_dims=(128, 128),
         hidden_channels=32,
+        n_fc_blocks=2,
         n_bins=None,
         image_shape=None,
         lipschitz_coeff=0.97,
@@ -160,6 +164,7 @@ default="memory_efficient"
         self.n_blocks = n_blocks
         self.hidden_dims = hidden_dims
         self.hidden_channels = hidden_channels
+        self.n_fc_blocks = n_fc_blocks
         self.n_bins = n_bins
         self.image_shape = image_shape
         self.lipschitz_coeff = lipschitz_coeff
@@ -207,6 +212,7 @@ default="memory_efficient"
                 n_scales=_n_scales(h, w),
                 n_blocks=4 if self.n_blocks == "auto" else self.n_blocks,
                 hidden_channels=self.hidden_channels,
+                n_fc_blocks=self.n_fc_blocks,
                 fc_hidden=max(self.hidden_dims),
                 activation=self.activation,
                 coeff=self.lipschitz_coeff,

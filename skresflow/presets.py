@@ -1,0 +1,58 @@
+"""Parameter sets that reproduce published configurations.
+
+Use them as keyword arguments: ``ResidualFlowDensity(**paper_config("mnist"))``.
+"""
+
+__all__ = ["paper_config"]
+
+_IMAGE_REFERENCE = {
+    # Chen et al. (2019), section 5 and the released code: logit -> 16 blocks ->
+    # [squeeze -> 16 blocks] x 2 -> 4 fully connected blocks of width 128; the
+    # branch is LipSwish -> 3x3 conv(512) -> LipSwish -> 1x1 conv -> LipSwish ->
+    # 3x3 conv; coefficient 0.98; Adam lr 1e-3, batch 64; 2 exact series terms
+    # with a Russian-roulette tail, memory-efficient gradients.
+    "n_blocks": 16,
+    "hidden_channels": 512,
+    "n_fc_blocks": 4,
+    "hidden_dims": (128, 128),
+    "lipschitz_coeff": 0.98,
+    "activation": "lipswish",
+    "logdet_estimator": "unbiased",
+    "n_exact_terms": 2,
+    "logdet_grad": "memory_efficient",
+    "batch_size": 64,
+    "learning_rate": 1e-3,
+    "n_bins": 256,
+}
+
+
+def paper_config(dataset):
+    """Estimator parameters of the paper's image models.
+
+    Parameters
+    ----------
+    dataset : {"mnist", "cifar10"}
+
+    Returns
+    -------
+    params : dict
+        Keyword arguments for :class:`skresflow.ResidualFlowDensity`. Sized for a
+        GPU (days of training in the paper); ``max_iter`` is left to you.
+
+    Notes
+    -----
+    Differences from the released code that this preset cannot express: the
+    logit transform uses ``alpha=1e-5`` for both data sets (the code uses 1e-6 for
+    MNIST and 0.05 for CIFAR-10), the roulette is geometric rather than Poisson
+    (same expected cost), and the learning-rate warm-up is at most 500 steps.
+
+    Examples
+    --------
+    >>> paper_config("mnist")["hidden_channels"]
+    512
+    """
+    if dataset not in ("mnist", "cifar10"):
+        raise ValueError(
+            f"dataset must be 'mnist' or 'cifar10'; got {dataset!r} instead."
+        )
+    return dict(_IMAGE_REFERENCE)
