@@ -184,6 +184,17 @@ class BaseResidualFlow(BaseEstimator):
     def _fit(self, X, sample_weight, *, reset, n_epochs, warn):
         X = self._validate_X(X, reset=reset)
         sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
+        if reset and self.n_bins is None and X.shape[0] > 1:
+            constant = np.flatnonzero(np.ptp(X.reshape(X.shape[0], -1), axis=0) == 0)
+            if constant.size:
+                warnings.warn(
+                    f"X has {constant.size} constant feature(s) (indices "
+                    f"{constant[:10].tolist()}): a continuous density is degenerate "
+                    "there and the likelihood can grow without bound. Drop them, or "
+                    "use n_bins for discrete values.",
+                    UserWarning,
+                    stacklevel=4,
+                )
         if reset:
             self.device_ = resolve_device(self.device)
             self._generator = make_generator(self.random_state)

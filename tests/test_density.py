@@ -284,8 +284,9 @@ def test_non_finite_losses_are_skipped_then_reported(moons, monkeypatch):
         return torch.tensor(float("nan"), requires_grad=True)
 
     monkeypatch.setattr(BaseResidualFlow, "_batch_loss", poisoned)
-    with pytest.raises(FloatingPointError, match="consecutive training steps gave a "
-                                                 "non-finite loss"):
+    with pytest.raises(
+        FloatingPointError, match="consecutive training steps gave a non-finite loss"
+    ):
         _fit(moons, max_iter=2)
 
 
@@ -294,3 +295,21 @@ def test_unavailable_device_is_a_clear_error(moons):
         pytest.skip("CUDA is available here")
     with pytest.raises(ValueError, match="CUDA is not available"):
         _fit(moons, device="cuda")
+
+
+def test_constant_feature_warns_and_scores_stay_finite():
+    rng = np.random.default_rng(0)
+    X = np.c_[rng.normal(size=200), np.full(200, 3.0)]
+    with pytest.warns(UserWarning, match=r"1 constant feature\(s\) \(indices \[1\]\)"):
+        est = _fit(X, max_iter=2)
+    assert np.all(np.isfinite(est.score_samples(X)))
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1e8])
+def test_extreme_scales(scale):
+    X = np.random.default_rng(0).normal(size=(200, 2)) * scale
+    est = _fit(X, max_iter=2)
+    scores = est.score_samples(X)
+    assert np.all(np.isfinite(scores))
+    # Densities scale as 1 / scale^2 in 2-D.
+    assert np.median(scores) == pytest.approx(-2 * np.log(scale) - 2.8, abs=1.0)
