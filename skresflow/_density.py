@@ -128,7 +128,7 @@ default="memory_efficient"
     >>> from skresflow import ResidualFlowDensity
     >>> X = np.random.default_rng(0).normal(size=(200, 2))
     >>> est = ResidualFlowDensity(n_blocks=2, hidden_dims=(16,), max_iter=2,
-    ...                           random_state=0).fit(X)
+    ...                           n_iter_no_change=None, random_state=0).fit(X)
     >>> est.score_samples(X[:3]).shape
     (3,)
     """
