@@ -100,7 +100,7 @@ default="memory_efficient"
     flow_ : skresflow.core.Flow
         The fitted flow (float64, evaluation mode, averaged weights).
     n_features_in_ : int
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape ``(n_features_in_,)``
         Only when ``X`` has string column names.
     n_iter_ : int
         Epochs run.

@@ -16,7 +16,7 @@ def dequantize(x, n_bins, generator=None, *, noise="random"):
 
     Parameters
     ----------
-    x : torch.Tensor of shape (batch, *event)
+    x : torch.Tensor of shape ``(batch, *event)``
         Integer values (any floating dtype).
     n_bins : int
     generator : torch.Generator, optional

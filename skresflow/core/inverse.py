@@ -49,7 +49,7 @@ def fixed_point_inverse(g, y, *, atol=None, rtol=None, max_iter=1000):
     Parameters
     ----------
     g : torch.nn.Module
-    y : torch.Tensor of shape (batch, *event)
+    y : torch.Tensor of shape ``(batch, *event)``
     atol, rtol : float, optional
         Tolerances; default 1e-10 in float64, 1e-5 otherwise.
     max_iter : int, default=1000

@@ -61,28 +61,31 @@ def logdet_estimate(
     ----------
     g : torch.nn.Module
         Maps ``(batch, *event)`` to the same shape, with ``Lip(g) < 1``.
-    x : torch.Tensor of shape (batch, *event)
+    x : torch.Tensor of shape ``(batch, *event)``
     estimator : {"exact", "unbiased", "truncated"}, default="unbiased"
     n_exact_terms : int, default=2
         Series terms always computed; with ``"truncated"`` the series length, with
         ``"unbiased"`` the Russian-roulette tail follows them.
-    grad : {"memory_efficient", "neumann", "backward_in_forward", "naive"}, \
-default="memory_efficient"
-        How the gradient is formed (see the module docstring).
+    grad : {"memory_efficient", "neumann", "backward_in_forward", "naive"}
+        How the gradient is formed (see the module docstring); default
+        ``"memory_efficient"``.
     generator : torch.Generator, optional
         Source of every random draw. ``None`` uses torch's global generator.
-    **options
-        ``n_probes`` (int, default 1): Hutchinson probes per row, averaged.
-        ``probe`` ({"gaussian", "rademacher"}, default "gaussian").
-        ``probe_sharing`` ({"per_sample", "shared", "row_hash"}, default
-        "per_sample"): fresh probes for every row; the same probes for every row;
-        or probes picked from a table of 256 draws by a hash of the row's values.
-        With the last two a row's estimate does not depend on the other rows of
-        the batch; ``"row_hash"`` also keeps the errors of distinct rows nearly
-        independent, so averages over rows are accurate.
-        ``roulette`` ({"geometric", "poisson"}, default "geometric").
-        ``p`` (float, default 0.5): success probability of the geometric
-        distribution. ``lam`` (float, default 2.0): Poisson rate.
+    **options : dict
+        Series options:
+
+        - ``n_probes`` (int, default 1): Hutchinson probes per row, averaged.
+        - ``probe`` ({"gaussian", "rademacher"}, default "gaussian").
+        - ``probe_sharing`` ({"per_sample", "shared", "row_hash"}, default
+          "per_sample"): fresh probes for every row; the same probes for every
+          row; or probes picked from a table of 256 draws by a hash of the row's
+          values. With the last two a row's estimate does not depend on the other
+          rows of the batch; ``"row_hash"`` also keeps the errors of distinct rows
+          nearly independent, so averages over rows are accurate.
+        - ``roulette`` ({"geometric", "poisson"}, default "geometric").
+        - ``p`` (float, default 0.5): success probability of the geometric
+          distribution.
+        - ``lam`` (float, default 2.0): Poisson rate.
 
     Returns
     -------
