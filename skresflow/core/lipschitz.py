@@ -68,22 +68,9 @@ class _LipschitzMixin:
             u, v = self._vectors(w)
             stored = self.sigma.to(w)
             stored_ok = bool(torch.isfinite(stored))
-            sigma_old = stored if stored_ok else None
-            v_old = v
-            for n_iter in range(1, self.max_power_iter + 1):  # noqa: B007
-                v = _normalize(self._op_adjoint(u, w))
-                wv = self._op(v, w)
-                sigma = wv.norm()
-                u = wv / sigma.clamp_min(1e-12)
-                # The singular vector's change bounds sigma's error (about
-                # rtol**2 / gap); sigma's own change does not.
-                if (
-                    sigma_old is not None
-                    and abs(sigma - sigma_old) <= self.rtol * sigma
-                    and (v - v_old).norm() <= self.rtol
-                ):
-                    break
-                sigma_old, v_old = sigma, v
+            u, v, sigma, n_iter = self._power_iteration(
+                w, u, v, stored if stored_ok else None, self.rtol, self.max_power_iter
+            )
             if n_iter > 1 or not stored_ok:
                 self._u.copy_(u)
                 self._v.copy_(v)
@@ -91,6 +78,27 @@ class _LipschitzMixin:
         self._key = self._weight_key()
         self.last_power_iter = n_iter
         return n_iter
+
+    def _power_iteration(self, w, u, v, sigma, rtol, max_iter):
+        """Iterate until both sigma and v change by at most ``rtol`` in a step.
+
+        The singular vector's change bounds sigma's error (about rtol**2 / gap);
+        sigma's own change does not. Starts from ``(u, v)``; ``sigma`` (or None)
+        is the value the first step is compared with.
+        """
+        for n_iter in range(1, max_iter + 1):  # noqa: B007
+            v_old, sigma_old = v, sigma
+            v = _normalize(self._op_adjoint(u, w))
+            wv = self._op(v, w)
+            sigma = wv.norm()
+            u = wv / sigma.clamp_min(1e-12)
+            if (
+                sigma_old is not None
+                and abs(sigma - sigma_old) <= rtol * sigma
+                and (v - v_old).norm() <= rtol
+            ):
+                break
+        return u, v, sigma, n_iter
 
     def _current_sigma(self, w):
         if self.training and torch.is_grad_enabled():
@@ -300,16 +308,7 @@ class LipschitzConv2d(_LipschitzMixin, nn.Conv2d):
             return self.lipschitz_bound()
         with torch.no_grad():
             w = self.normalized_weight()
-            u, sigma_old = self._u.clone(), None
-            for _ in range(10 * self.max_power_iter):
-                v = _normalize(self._op_adjoint(u, w))
-                wv = self._op(v, w)
-                sigma = wv.norm()
-                u = wv / sigma.clamp_min(1e-12)
-                if (
-                    sigma_old is not None
-                    and abs(sigma - sigma_old) <= 0.1 * self.rtol * sigma
-                ):
-                    break
-                sigma_old = sigma
+            _, _, sigma, _ = self._power_iteration(
+                w, self._u, self._v, None, 0.1 * self.rtol, 10 * self.max_power_iter
+            )
             return sigma.item()
