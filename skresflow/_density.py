@@ -198,7 +198,8 @@ default="memory_efficient"
         if self._is_image and self.n_bins:
             preprocessing = "logit"
         else:
-            preprocessing = standardizer(X, sample_weight)
+            noise_var = 0.0 if self.n_bins is None else 1 / (12 * self.n_bins**2)
+            preprocessing = standardizer(X, sample_weight, noise_var=noise_var)
         flow = self._make_flow(preprocessing)
         idx = torch.randperm(X.shape[0], generator=self._generator)[:2048]
         return initialize_actnorm(flow, X[idx])

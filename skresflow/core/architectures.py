@@ -9,16 +9,23 @@ from .layers import ActNorm, FixedAffine, LogitTransform, Reshape, Squeeze
 __all__ = ["standardizer", "tabular_flow", "image_flow", "initialize_actnorm"]
 
 
-def standardizer(X, weights=None):
+def standardizer(X, weights=None, *, noise_var=0.0):
     """Fixed affine layer mapping ``X`` to weighted zero mean and unit variance.
 
-    Constant features keep scale 1 (their variance is zero).
+    ``noise_var`` is added to every feature's variance (for dequantised data:
+    ``1 / (12 K^2)``, the variance of the uniform noise). Features whose standard
+    deviation is below ``1e-6`` of their mean's magnitude (constant up to
+    rounding) keep scale 1: dividing by a rounding residual would blow up any
+    later variation.
     """
     w = torch.ones(X.shape[0], dtype=X.dtype) if weights is None else weights.to(X)
     w = (w / w.sum()).view(-1, *([1] * (X.dim() - 1)))
     mean = (w * X).sum(0)
-    std = (w * (X - mean) ** 2).sum(0).sqrt()
-    return FixedAffine(mean, torch.where(std > 0, std, torch.ones_like(std)))
+    var = (w * (X - mean) ** 2).sum(0)
+    std = (var + noise_var).sqrt()
+    constant = (var.sqrt() <= 1e-6 * mean.abs()) & (noise_var == 0)
+    std = torch.where(constant | (std == 0), torch.ones_like(std), std)
+    return FixedAffine(mean, std)
 
 
 def tabular_flow(
