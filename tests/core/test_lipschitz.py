@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from oracles import DTYPE, randn
 
-from skresflow.core import LipschitzConv2d, LipschitzLinear
+from skresflow.core import LipschitzConv2d, LipschitzLinear, lipschitz
 
 COEFF = 0.9
 # Refresh tests tell "re-estimated" from "stale" (a stale sigma overshoots coeff by
@@ -38,6 +38,26 @@ def effective_weight(layer):
 
 
 # ----------------------------------------------------------------------------- linear
+@pytest.fixture(params=["svd", "power"])
+def sigma_path(request, monkeypatch):
+    """Run a dense-layer test with the exact SVD and with forced power iteration."""
+    if request.param == "power":
+        monkeypatch.setattr(lipschitz, "SVD_MAX_COST", 0)
+    return request.param
+
+
+def test_small_linear_sigma_is_exact_and_large_uses_power_iteration():
+    small = LipschitzLinear(64, 32).to(DTYPE)
+    small(torch.zeros(1, 64, dtype=DTYPE))
+    assert small.last_power_iter == 0
+    torch.testing.assert_close(small.sigma.item(), spectral_norm(small.weight),
+                               rtol=1e-14, atol=0)
+    large = LipschitzLinear(256, 256).to(DTYPE)
+    large(torch.zeros(1, 256, dtype=DTYPE))
+    assert large.last_power_iter > 1
+
+
+@pytest.mark.usefixtures("sigma_path")
 @pytest.mark.parametrize("n_out, n_in", [(3, 5), (8, 8), (16, 4), (1, 6)])
 def test_linear_sigma_matches_exact_spectral_norm(n_out, n_in):
     layer = linear_with_spectrum(n_out, n_in, top=3.0, seed=n_out)
@@ -48,6 +68,7 @@ def test_linear_sigma_matches_exact_spectral_norm(n_out, n_in):
     assert layer.sigma.item() >= exact * (1 - 1e-2)
 
 
+@pytest.mark.usefixtures("sigma_path")
 @pytest.mark.parametrize("n_out, n_in", [(3, 5), (8, 8), (16, 4)])
 def test_linear_normalized_weight_norm_is_at_most_coeff(n_out, n_in):
     layer = linear_with_spectrum(n_out, n_in, top=3.0, seed=n_out)
@@ -56,17 +77,20 @@ def test_linear_normalized_weight_norm_is_at_most_coeff(n_out, n_in):
     assert COEFF * (1 - 1e-12) <= norm <= COEFF * (1 + 1e-2)
 
 
+@pytest.mark.usefixtures("sigma_path")
 def test_linear_small_weight_is_left_unchanged():
     layer = linear_with_spectrum(4, 3, top=0.5, seed=0)
     torch.testing.assert_close(layer.normalized_weight(), layer.weight, rtol=0, atol=0)
 
 
+@pytest.mark.usefixtures("sigma_path")
 def test_linear_lipschitz_bound_is_exact_norm_of_normalized_weight():
     layer = linear_with_spectrum(5, 7, top=2.0, seed=3)
     expected = spectral_norm(layer.normalized_weight())
     assert layer.lipschitz_bound() == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.usefixtures("sigma_path")
 def test_linear_train_and_eval_outputs_agree():
     layer = linear_with_spectrum(4, 4, top=2.0, seed=5)
     x = randn(6, 4, seed=6)
@@ -75,6 +99,7 @@ def test_linear_train_and_eval_outputs_agree():
     torch.testing.assert_close(layer(x), train_out, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.usefixtures("sigma_path")
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_power_iteration_accurate_for_random_weights(kind):
     errors = []
@@ -105,6 +130,8 @@ def grow_weight_with_adam(layer, n_steps, **adam_options):
         yield
 
 
+@pytest.mark.usefixtures("sigma_path")
+@pytest.mark.usefixtures("sigma_path")
 @pytest.mark.parametrize("adam_options", [
     pytest.param({"foreach": False}, id="for-loop"),
     pytest.param({"foreach": True}, id="foreach"),
@@ -124,6 +151,7 @@ def test_linear_bound_holds_after_every_optimizer_step(adam_options):
     assert max(norms) <= COEFF * (1 + REFRESH_SLACK)
 
 
+@pytest.mark.usefixtures("sigma_path")
 def test_linear_refreshes_after_load_state_dict():
     source = linear_with_spectrum(5, 4, top=3.0, seed=7)
     target = linear_with_spectrum(5, 4, top=3.0, seed=8)
@@ -136,6 +164,7 @@ def test_linear_refreshes_after_load_state_dict():
     assert COEFF * (1 - 1e-12) <= norm <= COEFF * (1 + 1e-2)  # 10x keeps the gap
 
 
+@pytest.mark.usefixtures("sigma_path")
 def test_linear_refreshes_after_double():
     layer = linear_with_spectrum(5, 4, top=3.0, seed=9).float()
     layer(torch.zeros(1, 4))
@@ -147,6 +176,7 @@ def test_linear_refreshes_after_double():
                                atol=0)
 
 
+@pytest.mark.usefixtures("sigma_path")
 def test_linear_normalization_is_the_same_with_and_without_grad_after_a_small_step():
     layer = linear_with_spectrum(6, 6, top=3.0, seed=2)
     layer(torch.zeros(1, 6, dtype=DTYPE))
