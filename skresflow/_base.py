@@ -21,8 +21,9 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
+from ._checks import check_training_data
 from .core import ACTIVATIONS, GRAD_MODES, FixedAffine, dequantize
-from .core.train import Trainer
+from .core.train import NonFiniteLossError, Trainer
 
 _LOGDET_ESTIMATORS = ("auto", "exact", "unbiased", "truncated")
 
@@ -184,17 +185,8 @@ class BaseResidualFlow(BaseEstimator):
     def _fit(self, X, sample_weight, *, reset, n_epochs, warn):
         X = self._validate_X(X, reset=reset)
         sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
-        if reset and self.n_bins is None and X.shape[0] > 1:
-            constant = np.flatnonzero(np.ptp(X.reshape(X.shape[0], -1), axis=0) == 0)
-            if constant.size:
-                warnings.warn(
-                    f"X has {constant.size} constant feature(s) (indices "
-                    f"{constant[:10].tolist()}): a continuous density is degenerate "
-                    "there and the likelihood can grow without bound. Drop them, or "
-                    "use n_bins for discrete values.",
-                    UserWarning,
-                    stacklevel=4,
-                )
+        if self.n_bins is None:
+            check_training_data(X, warn=reset, stacklevel=4)
         if reset:
             self.device_ = resolve_device(self.device)
             self._generator = make_generator(self.random_state)
@@ -237,7 +229,7 @@ class BaseResidualFlow(BaseEstimator):
             warmup_steps=min(500, steps_per_epoch * max(n_epochs // 10, 1)),
             weight_decay=self.weight_decay,
         )
-        monitor = _EarlyStopping(self.n_iter_no_change, self.tol)
+        monitor = _EarlyStopping(self.n_iter_no_change, self.tol, start=self.n_iter_)
         start, stopped_early = time.perf_counter(), False
         try:
             for epoch in range(n_epochs):
@@ -266,11 +258,12 @@ class BaseResidualFlow(BaseEstimator):
                 stacklevel=5,
             )
             stopped_early = True
-        if monitor.best_state is None:
-            raise RuntimeError(
-                "fit was interrupted before one epoch finished; no model was stored."
-            )
-        self.flow_ = self._make_scorer(flow, monitor.best_state)
+            if monitor.best_state is None and not monitor.diverged:
+                raise RuntimeError(
+                    "fit was interrupted before one epoch finished; no model was "
+                    "stored."
+                ) from None
+        self.flow_ = self._finite_scorer(flow, monitor, train[0])
         if warn and not stopped_early and self.n_iter_no_change is not None:
             warnings.warn(
                 f"{type(self).__name__} reached max_iter={self.max_iter} epochs while "
@@ -280,6 +273,39 @@ class BaseResidualFlow(BaseEstimator):
                 ConvergenceWarning,
                 stacklevel=5,
             )
+
+    def _finite_scorer(self, flow, monitor, X):
+        """The best epoch's model, once it is known to score ``X`` finitely.
+
+        Epochs with a non-finite monitored loss are never kept (see
+        :class:`_EarlyStopping`); a diverged fit raises rather than store a model
+        that scores NaN, and a partly diverged one says which epochs it dropped.
+        """
+        remedy = (
+            f"Lower learning_rate (got {self.learning_rate:g}), and check X for "
+            "extreme values or degenerate (constant, duplicated) features."
+        )
+        scorer = None
+        if monitor.best_state is not None:
+            scorer = self._make_scorer(flow, monitor.best_state)
+            log_p = self._log_prob(scorer, X[:256].double())
+            if not bool(torch.isfinite(log_p).all()):
+                scorer = None
+        if scorer is None:
+            raise NonFiniteLossError(
+                f"training diverged: the model gives non-finite losses (epochs "
+                f"with a non-finite loss: {monitor.diverged[:10]}); no model was "
+                f"stored. {remedy}"
+            )
+        if monitor.diverged:
+            warnings.warn(
+                f"training diverged: the loss was non-finite in epoch(s) "
+                f"{monitor.diverged[:10]}; the model of epoch {monitor.best_epoch} "
+                f"was kept. {remedy}",
+                UserWarning,
+                stacklevel=6,
+            )
+        return scorer
 
     def _train_epoch(self, flow, trainer, train, batch_size):
         X, w = train
@@ -358,7 +384,22 @@ class BaseResidualFlow(BaseEstimator):
         """
         check_is_fitted(self)
         X = self._validate_X(X, reset=False)
-        return self._log_prob(self.flow_, self._to_tensor(X)).cpu().numpy()
+        log_p = self._log_prob(self.flow_, self._to_tensor(X)).cpu().numpy()
+        overflow = np.isnan(log_p)
+        if overflow.any():
+            # The fitted model is finite on its training data (checked at fit), so a
+            # NaN here is float64 overflow on a row far outside it: its density
+            # underflows, and -inf is the float64 value of its log.
+            warnings.warn(
+                f"{overflow.sum()} row(s) of X (indices "
+                f"{np.flatnonzero(overflow)[:10].tolist()}) are so far outside the "
+                "training data that the flow overflows float64 on them; their "
+                "log-density is returned as -inf.",
+                UserWarning,
+                stacklevel=2,
+            )
+            log_p[overflow] = -np.inf
+        return log_p
 
     # ------------------------------------------------------------ persistence
     def save(self, path):
@@ -370,6 +411,7 @@ class BaseResidualFlow(BaseEstimator):
         check_is_fitted(self)
         from ._persistence import save
 
+        self.flow_.check_invertible()  # never write a model that is not invertible
         save(self, path)
 
     def _restore(self, metadata, state, device):
@@ -437,19 +479,24 @@ class BaseResidualFlow(BaseEstimator):
 class _EarlyStopping:
     """Track the best monitored loss and its averaged weights."""
 
-    def __init__(self, patience, tol):
+    def __init__(self, patience, tol, start=0):
         self.patience, self.tol = patience, tol
         self.best, self.best_state, self.bad_epochs = np.inf, None, 0
+        self.epoch, self.best_epoch, self.diverged = start, None, []
 
     def update(self, loss, state):
         """Record an epoch; return True when training should stop.
 
-        Without patience (no early stopping) the latest state is kept.
+        Without patience (no early stopping) the latest state is kept. A state
+        whose loss is not finite is never kept (and counts as a bad epoch).
         """
-        if self.patience is None:
-            self.best, self.best_state = loss, state
-        elif self.best_state is None or loss < self.best - self.tol:
+        self.epoch += 1
+        if not np.isfinite(loss):
+            self.diverged.append(self.epoch)
+            self.bad_epochs += 1
+        elif self.patience is None or loss < self.best - self.tol:
             self.best, self.best_state, self.bad_epochs = loss, state, 0
-        elif np.isfinite(loss):
+            self.best_epoch = self.epoch
+        else:
             self.bad_epochs += 1
         return self.patience is not None and self.bad_epochs >= self.patience

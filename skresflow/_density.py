@@ -302,7 +302,15 @@ default="memory_efficient"
             )
         with torch.no_grad():
             z, _ = self.flow_(X)
-        return z.reshape(z.shape[0], -1).cpu().numpy()
+        z = z.reshape(z.shape[0], -1).cpu().numpy()
+        overflow = np.flatnonzero(np.isnan(z).any(axis=1))
+        if overflow.size:
+            raise ValueError(
+                f"{overflow.size} row(s) of X (indices {overflow[:10].tolist()}) are "
+                "so far outside the training data that the flow overflows float64 "
+                "on them; rescale X or drop those rows."
+            )
+        return z
 
     def inverse_transform(self, Z):
         """Map latent rows back to the data space (fixed-point inversion).

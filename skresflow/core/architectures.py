@@ -18,6 +18,7 @@ def standardizer(X, weights=None, *, noise_var=0.0):
     rounding) keep scale 1: dividing by a rounding residual would blow up any
     later variation.
     """
+    dtype, X = X.dtype, X.double()  # squares of float32 data beyond 1e19 overflow
     w = torch.ones(X.shape[0], dtype=X.dtype) if weights is None else weights.to(X)
     w = (w / w.sum()).view(-1, *([1] * (X.dim() - 1)))
     mean = (w * X).sum(0)
@@ -25,7 +26,7 @@ def standardizer(X, weights=None, *, noise_var=0.0):
     std = (var + noise_var).sqrt()
     constant = (var.sqrt() <= 1e-6 * mean.abs()) & (noise_var == 0)
     std = torch.where(constant | (std == 0), torch.ones_like(std), std)
-    return FixedAffine(mean, std)
+    return FixedAffine(mean.to(dtype), std.to(dtype))
 
 
 def tabular_flow(
