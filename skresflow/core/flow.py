@@ -93,7 +93,8 @@ class Flow(nn.Module):
         return self
 
     def configure_inverse(self, **config):
-        """Set ``atol``, ``rtol``, ``max_iter`` of every block's fixed-point inverse."""
+        """Set every block's inverse options (``method``, ``atol``, ``rtol``,
+        ``max_iter``, ``memory``; see :func:`~skresflow.core.fixed_point_inverse`)."""
         for block in self.blocks:
             block.inverse_config = dict(config)
         return self

@@ -70,8 +70,9 @@ def test_each_row_stops_on_its_own():
     their remaining error, ~1e-11 here)."""
     g = ScaledTanh(0.95)
     y = torch.tensor([[0.0, 0.02], [1.2, -1.5], [2.0, 0.9], [-0.9, 1.6]], dtype=DTYPE)
-    together = fixed_point_inverse(g, y)
-    alone = torch.cat([fixed_point_inverse(g, row[None]) for row in y])
+    together = fixed_point_inverse(g, y, method="fixed_point")
+    alone = torch.cat([fixed_point_inverse(g, row[None], method="fixed_point")
+                       for row in y])
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-15)
 
 
@@ -82,7 +83,7 @@ def test_not_converged_warns_with_the_residual():
                r"\|\|x \+ g\(x\) - y\|\|_inf = (?P<res>\S+) \(tolerance \S+\)\. "
                r"Increase max_iter")
     with pytest.warns(InverseNotConvergedWarning, match=pattern) as record:
-        x = fixed_point_inverse(g, y, max_iter=5)
+        x = fixed_point_inverse(g, y, method="fixed_point", max_iter=5)
     reported = float(re.search(pattern, str(record[0].message))["res"])
     actual = row_residual(g, x, y).max().item()
     # The message reports the residual before the last update, an upper bound on the
