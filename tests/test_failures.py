@@ -23,6 +23,7 @@ TINY = dict(
     n_blocks=2,
     hidden_dims=(8,),
     max_iter=2,
+    learning_rate=1e-3,
     n_iter_no_change=None,
     random_state=0,
     device="cpu",
@@ -114,6 +115,7 @@ def test_a_model_that_scores_nan_is_never_stored(monkeypatch):
         _fit(_normal(), validation_fraction=0.0)
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 def test_early_stopping_ignores_non_finite_validation_losses(monkeypatch):
     original, calls = BaseResidualFlow._evaluate, []
 
@@ -122,8 +124,16 @@ def test_early_stopping_ignores_non_finite_validation_losses(monkeypatch):
         return float("nan") if len(calls) == 2 else original(self, *args)
 
     monkeypatch.setattr(BaseResidualFlow, "_evaluate", nan_in_epoch_2)
+    # Batches of 2: enough steps per epoch for a validation loss every epoch.
     with pytest.warns(UserWarning, match=r"epoch\(s\) \[2\]; the model of epoch 1"):
-        est = _fit(_normal(), max_iter=2, n_iter_no_change=5, validation_fraction=0.2)
+        est = _fit(
+            _normal(),
+            max_iter=2,
+            batch_size=2,
+            n_iter_no_change=5,
+            validation_fraction=0.2,
+        )
+    assert len(calls) == 2
     _assert_finite_scores(est, _normal())
 
 
@@ -191,7 +201,8 @@ def test_duplicate_check_needs_enough_rows():
 
 @pytest.mark.parametrize("n_constant", [1, 3])
 def test_constant_features_warn_and_longer_fits_stay_finite(n_constant):
-    X = np.c_[_normal(d=3 - n_constant + 1)[:, : 3 - n_constant], np.ones((200, n_constant))]
+    X = _normal(d=3)
+    X[:, 3 - n_constant :] = 1.0
     with pytest.warns(UserWarning, match=rf"{n_constant} constant feature\(s\)"):
         est = _fit(X, max_iter=6, learning_rate=1e-2)
     _assert_finite_scores(est, X)
