@@ -122,14 +122,17 @@ class _Anderson:
 
 
 def _jacobian(g, x):
-    """``g(x)`` and the ``(b, D, D)`` Jacobians of a row-wise map on flat rows."""
+    """``g(x)`` and the ``(b, D, D)`` Jacobians of a row-wise map on flat rows: one
+    forward pass and ``D`` vector-Jacobian products batched by ``vmap``."""
     b, d = x.shape
     with torch.enable_grad():
-        x_rep = x.detach().repeat_interleave(d, dim=0).requires_grad_()
-        gx_rep = g(x_rep)
-        basis = torch.eye(d, dtype=x.dtype, device=x.device).repeat(b, 1)
-        rows = torch.autograd.grad(gx_rep, x_rep, basis)[0]
-    return gx_rep[::d].detach(), rows.view(b, d, d)
+        x = x.detach().requires_grad_()
+        gx = g(x)
+        basis = torch.eye(d, dtype=x.dtype, device=x.device).unsqueeze(1)
+        rows = torch.autograd.grad(gx, x, basis.expand(d, b, d), is_grads_batched=True)[
+            0
+        ]
+    return gx.detach(), rows.transpose(0, 1)
 
 
 class _Newton:
