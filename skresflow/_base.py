@@ -182,7 +182,9 @@ class BaseResidualFlow(BaseEstimator):
             X, sample_weight, reset=not hasattr(self, "flow_"), n_epochs=1, warn=False
         )
 
-    def _fit(self, X, sample_weight, *, reset, n_epochs, warn):
+    def _fit(self, X, sample_weight, *, reset, n_epochs, warn, y=None):
+        """``y``: optional per-row targets (a tensor), batched with ``X`` and
+        passed to :meth:`_batch_loss` (and found in ``val[2]`` by ``_evaluate``)."""
         X = self._validate_X(X, reset=reset)
         sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
         if self.n_bins is None:
@@ -205,8 +207,13 @@ class BaseResidualFlow(BaseEstimator):
         else:
             flow = copy.deepcopy(self.flow_).float()
         self._configure_for_training(flow)
+        rows = (Xt, wt) if y is None else (Xt, wt, y)
         self._run_epochs(
-            flow, (Xt[train], wt[train]), (Xt[val], wt[val]), n_epochs, warn
+            flow,
+            tuple(t[train] for t in rows),
+            tuple(t[val] for t in rows),
+            n_epochs,
+            warn,
         )
         return self
 
@@ -308,14 +315,15 @@ class BaseResidualFlow(BaseEstimator):
         return scorer
 
     def _train_epoch(self, flow, trainer, train, batch_size):
-        X, w = train
         flow.train()
-        perm = torch.randperm(X.shape[0], generator=self._generator)
+        perm = torch.randperm(train[0].shape[0], generator=self._generator)
         total, weight = 0.0, 0.0
         for idx in perm.split(batch_size):
-            xb, wb = X[idx].to(self.device_), w[idx].to(self.device_)
+            xb, wb, *targets = (t[idx].to(self.device_) for t in train)
             loss = trainer.step(
-                lambda xb=xb, wb=wb: self._batch_loss(flow, xb, wb, self._generator)
+                lambda xb=xb, wb=wb, targets=targets: self._batch_loss(
+                    flow, xb, wb, self._generator, *targets
+                )
             )
             if np.isfinite(loss):
                 total += loss * float(wb.sum())
@@ -325,7 +333,7 @@ class BaseResidualFlow(BaseEstimator):
     def _evaluate(self, flow, state, val):
         """Validation NLL of the averaged weights, with the scoring estimator."""
         scorer = self._make_scorer(flow, state)
-        X, w = val
+        X, w = val[:2]
         log_p = self._log_prob(scorer, X.double())
         w = w.double().to(log_p.device)
         return float(-(w * log_p).sum() / w.sum())

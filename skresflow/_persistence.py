@@ -22,6 +22,10 @@ _FITTED_ATTRIBUTES = (
     "history_",
     "logdet_estimator_",
     "scoring_estimator_",
+    "classes_",
+    "density_weight_",
+    "head_",
+    "offset_",
 )
 
 
@@ -57,13 +61,26 @@ def save(estimator, path):
             if hasattr(estimator, name)
         },
         "device": str(estimator.device_),
+        "dtypes": {
+            name: "object" if value.dtype.kind == "O" else value.dtype.str
+            for name in _FITTED_ATTRIBUTES
+            if isinstance(value := getattr(estimator, name, None), np.ndarray)
+        },
     }
     state = {k: v.detach().cpu() for k, v in estimator.flow_.state_dict().items()}
     metadata["sha256"] = _digest(state)
+    try:
+        text = json.dumps(metadata)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"cannot save {type(estimator).__name__} as a safe model file: a "
+            f"fitted value is not plain data ({exc}); class labels must be "
+            "numbers, strings or booleans. Use pickle or joblib instead."
+        ) from None
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "metadata": json.dumps(metadata),
+        "metadata": text,
         "state": state,
     }
     torch.save(payload, path)
@@ -90,8 +107,9 @@ def load(path, device=None):
 
     Returns
     -------
-    estimator : ResidualFlowDensity
-        Fitted, with the same scores as the saved estimator.
+    estimator : ResidualFlowDensity, ResidualFlowClassifier or \
+ResidualFlowOutlierDetector
+        Fitted, with the same scores (and predictions) as the saved estimator.
 
     Raises
     ------
@@ -102,9 +120,20 @@ def load(path, device=None):
     """
     payload = _read(path)
     metadata = _metadata(payload, path)
-    from . import ResidualFlowDensity
+    from . import (
+        ResidualFlowClassifier,
+        ResidualFlowDensity,
+        ResidualFlowOutlierDetector,
+    )
 
-    classes = {"ResidualFlowDensity": ResidualFlowDensity}
+    classes = {
+        cls.__name__: cls
+        for cls in (
+            ResidualFlowDensity,
+            ResidualFlowClassifier,
+            ResidualFlowOutlierDetector,
+        )
+    }
     cls = classes.get(metadata.get("class"))
     if cls is None:
         raise ValueError(

@@ -1,0 +1,205 @@
+"""ResidualFlowOutlierDetector: low density under a Residual Flow = outlier."""
+
+from numbers import Real
+
+import numpy as np
+from sklearn.base import OutlierMixin, _fit_context
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+
+from ._density import ResidualFlowDensity
+
+# contamination="auto": a row is an outlier when the model gives it a lower
+# density than AUTO_LEVEL of the model's own samples (AUTO_SAMPLES of them).
+AUTO_LEVEL = 0.01
+AUTO_SAMPLES = 1000
+
+
+class ResidualFlowOutlierDetector(OutlierMixin, ResidualFlowDensity):
+    """Outlier and novelty detection with a Residual Flow density.
+
+    A :class:`ResidualFlowDensity` is fitted to the training rows; a row is an
+    outlier when its log-density is below the threshold ``offset_``.
+
+    Parameters
+    ----------
+    contamination : "auto" or float, default="auto"
+        Expected share of outliers in the training data, in (0, 0.5]: then
+        ``offset_`` is that quantile of the training rows' log-densities.
+        ``"auto"``: ``offset_`` is the 1% quantile of the log-densities of 1000
+        samples drawn from the fitted model, so that about 1% of the rows the
+        model itself generates are flagged (the training data play no role
+        beyond the fit).
+    n_blocks, hidden_dims, hidden_channels, n_fc_blocks, n_bins, image_shape, \
+lipschitz_coeff, activation, logdet_estimator, n_exact_terms, logdet_grad, \
+max_iter, batch_size, learning_rate, weight_decay, validation_fraction, \
+n_iter_no_change, tol, random_state, device, verbose, warm_start
+        As in :class:`ResidualFlowDensity` (some defaults are smaller here so
+        that a default fit on a small table takes seconds: ``n_blocks=4``,
+        ``hidden_dims=(64, 64)``, ``learning_rate=3e-3``).
+
+    Attributes
+    ----------
+    offset_ : float
+        Threshold on :meth:`score_samples`: ``decision_function`` is
+        ``score_samples - offset_`` and negative values are outliers.
+    flow_, n_features_in_, feature_names_in_, n_iter_, history_, device_, \
+logdet_estimator_, scoring_estimator_
+        As in :class:`ResidualFlowDensity`.
+
+    See Also
+    --------
+    ResidualFlowDensity, sklearn.ensemble.IsolationForest,
+    sklearn.neighbors.LocalOutlierFactor
+
+    Notes
+    -----
+    Fitted on clean data, the detector is a novelty detector (``predict`` on
+    new rows); fitted on contaminated data with ``contamination`` set, it flags
+    that share of the training rows (``fit_predict``). Log-densities compare
+    rows of the same kind only: deep generative models can give higher density
+    to simpler data from elsewhere (Nalisnick et al. 2019, "Do deep generative
+    models know what they don't know?").
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skresflow import ResidualFlowOutlierDetector
+    >>> X = np.random.default_rng(0).normal(size=(200, 2))
+    >>> det = ResidualFlowOutlierDetector(max_iter=5, random_state=0).fit(X)
+    >>> det.predict([[0.0, 0.0], [8.0, 8.0]])
+    array([ 1, -1])
+    """
+
+    _parameter_constraints = {
+        **ResidualFlowDensity._parameter_constraints,
+        "contamination": [
+            StrOptions({"auto"}),
+            Interval(Real, 0, 0.5, closed="right"),
+        ],
+    }
+
+    def __init__(
+        self,
+        *,
+        contamination="auto",
+        n_blocks=4,
+        hidden_dims=(64, 64),
+        hidden_channels=32,
+        n_fc_blocks=2,
+        n_bins=None,
+        image_shape=None,
+        lipschitz_coeff=0.97,
+        activation="lipswish",
+        logdet_estimator="auto",
+        n_exact_terms=2,
+        logdet_grad="memory_efficient",
+        max_iter=100,
+        batch_size=256,
+        learning_rate=3e-3,
+        weight_decay=0.0,
+        validation_fraction=0.1,
+        n_iter_no_change=10,
+        tol=1e-4,
+        random_state=None,
+        device="auto",
+        verbose=0,
+        warm_start=False,
+    ):
+        self.contamination = contamination
+        self.n_blocks = n_blocks
+        self.hidden_dims = hidden_dims
+        self.hidden_channels = hidden_channels
+        self.n_fc_blocks = n_fc_blocks
+        self.n_bins = n_bins
+        self.image_shape = image_shape
+        self.lipschitz_coeff = lipschitz_coeff
+        self.activation = activation
+        self.logdet_estimator = logdet_estimator
+        self.n_exact_terms = n_exact_terms
+        self.logdet_grad = logdet_grad
+        self.max_iter = max_iter
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.tol = tol
+        self.random_state = random_state
+        self.device = device
+        self.verbose = verbose
+        self.warm_start = warm_start
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None, sample_weight=None):
+        """Fit the density, then set ``offset_`` (see ``contamination``).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features) or images
+        y : None
+            Ignored.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Per-row weights of the log-likelihood (and of the quantile that
+            sets ``offset_`` when ``contamination`` is a float).
+
+        Returns
+        -------
+        self
+        """
+        super().fit(X, sample_weight=sample_weight)
+        return self._set_offset(X, sample_weight)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None, sample_weight=None):
+        """One more epoch over ``X``, then a new ``offset_``."""
+        super().partial_fit(X, sample_weight=sample_weight)
+        return self._set_offset(X, sample_weight)
+
+    def _set_offset(self, X, sample_weight):
+        if self.contamination == "auto":
+            # A fixed seed: the threshold is part of the model, refits agree.
+            samples = self.sample(AUTO_SAMPLES, random_state=0)
+            self.offset_ = float(np.quantile(self.score_samples(samples), AUTO_LEVEL))
+        else:
+            scores = self.score_samples(X)
+            self.offset_ = float(
+                _weighted_quantile(scores, self.contamination, sample_weight)
+            )
+        if not np.isfinite(self.offset_):
+            raise FloatingPointError(
+                f"the outlier threshold offset_ is {self.offset_}: the fitted "
+                "density gives non-finite log-densities. Lower learning_rate or "
+                "check X for extreme values."
+            )
+        return self
+
+    def decision_function(self, X):
+        """``score_samples(X) - offset_``: negative for outliers.
+
+        Returns
+        -------
+        decision : ndarray of shape (n_samples,), float64
+        """
+        check_is_fitted(self)
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X):
+        """-1 for outliers, +1 for inliers.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,), int
+        """
+        return np.where(self.decision_function(X) >= 0, 1, -1)
+
+
+def _weighted_quantile(values, q, weights=None):
+    """``q``-quantile of ``values`` (linear interpolation when unweighted)."""
+    if weights is None:
+        return np.quantile(values, q)
+    weights = np.asarray(weights, dtype=np.float64)
+    order = np.argsort(values)
+    cumulative = np.cumsum(weights[order])
+    index = np.searchsorted(cumulative, q * cumulative[-1], side="right")
+    return values[order][min(index, len(values) - 1)]
