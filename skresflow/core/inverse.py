@@ -20,6 +20,7 @@ residual is rejected, the row's history is cleared and it takes a plain step
 next, so they converge wherever plain iteration does.
 """
 
+import math
 import warnings
 
 import torch
@@ -28,9 +29,11 @@ from torch.autograd.function import once_differentiable
 __all__ = ["fixed_point_inverse", "InverseNotConvergedWarning", "INVERSE_METHODS"]
 
 INVERSE_METHODS = ("auto", "fixed_point", "anderson", "newton")
-# "auto": plain steps up to this many, then Anderson for the rows left. Measured in
+# "auto": plain steps up to AUTO_PLAIN_STEPS, then Newton (up to AUTO_NEWTON_MAX_DIM
+# dimensions) or Anderson for the rows left. Chosen from the measurements of
 # benchmarks/bench_inverse.py (docs/benchmarks/performance.md).
-AUTO_PLAIN_STEPS = 10
+AUTO_PLAIN_STEPS = 30
+AUTO_NEWTON_MAX_DIM = 8
 
 
 class InverseNotConvergedWarning(RuntimeWarning):
@@ -69,13 +72,14 @@ class _Anderson:
     With ``f = G(x) - x`` (minus the residual) and the last ``m`` differences
     ``dG, dF`` of ``G`` and ``f`` between accepted iterates, the step is
     ``G(x) - dG gamma`` with ``gamma = argmin ||f - dF gamma||``, solved by
-    regularised normal equations. Empty history slots hold zeros; the Gram matrix
-    ``dF dF^T`` is updated one slot at a time (batched ``m x m`` products cost more
-    than ``g`` itself on a CPU).
+    regularised normal equations. Empty history slots hold zeros (a rejected
+    row's history is cleared). The Gram matrix ``dF dF^T`` and ``dF f`` are
+    updated one slot at a time: one ``(rows, m, D)`` product per step, as batched
+    ``m x m`` products cost more than ``g`` itself on a CPU.
     """
 
     def __init__(self, g, memory):
-        self.evaluate, self.m = g, memory
+        self.evaluate, self.m, self.step = g, memory, 0
 
     def start(self, x, r):
         b, d = x.shape
@@ -83,7 +87,7 @@ class _Anderson:
             "dg": x.new_zeros(b, self.m, d),
             "df": x.new_zeros(b, self.m, d),
             "gram": x.new_zeros(b, self.m, self.m),
-            "count": torch.zeros(b, dtype=torch.long, device=x.device),
+            "dff": x.new_zeros(b, self.m),  # dF f, f of the current iterate
             "gx": x - r,  # G(x) = y - g(x) = x - r
             "f": -r,
         }
@@ -95,27 +99,27 @@ class _Anderson:
         # Empty slots get a unit diagonal and a zero right-hand side: gamma = 0.
         ridge = torch.where(diag > 0, self.reg * diag.amax(1, keepdim=True), 1.0)
         gram = s["gram"] + torch.diag_embed(ridge)
-        rhs = (s["df"] * r.unsqueeze(1)).sum(-1, keepdim=True).neg_()
-        gamma = torch.linalg.solve_ex(gram, rhs)[0]
+        gamma = torch.linalg.solve_ex(gram, s["dff"].unsqueeze(-1))[0]
         return (x - r) - (gamma * s["dg"]).sum(1)
 
     def update(self, ok, x, r):
         """Record the accepted proposals; clear the history of rejected rows."""
-        s, f = self.state, -r
-        rows = ok.nonzero().squeeze(1)
-        slot = s["count"][rows] % self.m
-        new_df = f[rows] - s["f"][rows]
-        s["dg"][rows, slot] = (x - r)[rows] - s["gx"][rows]
-        s["df"][rows, slot] = new_df
-        dots = (s["df"][rows] * new_df.unsqueeze(1)).sum(-1)
-        s["gram"][rows, slot] = dots
-        s["gram"][rows, :, slot] = dots
-        s["gx"][rows], s["f"][rows] = (x - r)[rows], f[rows]
-        s["count"][rows] += 1
-        rejected = (~ok).nonzero().squeeze(1)
-        if rejected.numel():
-            for key in ("dg", "df", "gram", "count"):
-                s[key][rejected] = 0
+        s, f, gx = self.state, -r, x - r
+        k, self.step = self.step % self.m, self.step + 1
+        keep = ok.unsqueeze(-1).to(x.dtype)
+        new_df = (f - s["f"]) * keep
+        s["dg"][:, k] = (gx - s["gx"]) * keep
+        s["df"][:, k] = new_df
+        dots = (s["df"] * new_df.unsqueeze(1)).sum(-1)
+        s["gram"][:, k, :] = dots
+        s["gram"][:, :, k] = dots
+        s["dff"] += dots  # dF_j . f_new = dF_j . f_old + dF_j . (f_new - f_old)
+        s["dff"][:, k] = (new_df * f).sum(-1)
+        s["gx"] = torch.where(ok[:, None], gx, s["gx"])
+        s["f"] = torch.where(ok[:, None], f, s["f"])
+        if not bool(ok.all()):
+            for key in ("dg", "df", "gram", "dff"):
+                s[key][~ok] = 0
 
     def compact(self, keep):
         self.state = {k: v[keep] for k, v in self.state.items()}
@@ -227,15 +231,25 @@ def _resolve_method(method):
 
 
 def _solve_auto(g, y, atol, rtol, max_iter, memory):
-    """Plain steps first; Anderson for the rows still above tolerance after
-    ``AUTO_PLAIN_STEPS`` of them (in trained flows most rows converge within a few
-    plain steps, which cost less than Anderson's bookkeeping)."""
-    x, residual, tol, n_iter = _solve(g, y, atol, rtol, min(max_iter, AUTO_PLAIN_STEPS))
+    """Plain steps first; rows still above tolerance after ``AUTO_PLAIN_STEPS`` of
+    them continue with Newton (up to ``AUTO_NEWTON_MAX_DIM`` dimensions) or
+    Anderson. In trained flows nearly every row converges within a few plain steps,
+    which cost less than either accelerator's extra work."""
+    n_plain = min(max_iter, AUTO_PLAIN_STEPS)
+    x, residual, tol, n_iter = _solve(g, y, atol, rtol, n_plain)
     slow = (residual > tol).nonzero().squeeze(1)
     if not slow.numel() or n_iter >= max_iter:
         return x, residual, tol, n_iter
+    small = math.prod(y.shape[1:]) <= AUTO_NEWTON_MAX_DIM
     x_slow, res_slow, _, more = _solve_accelerated(
-        g, y[slow], atol, rtol, max_iter - n_iter, "anderson", memory, x0=x[slow]
+        g,
+        y[slow],
+        atol,
+        rtol,
+        max_iter - n_iter,
+        "newton" if small else "anderson",
+        memory,
+        x0=x[slow],
     )
     x[slow], residual[slow] = x_slow, res_slow
     return x, residual, tol, n_iter + more
@@ -262,10 +276,11 @@ def fixed_point_inverse(
         ``"newton"``: Newton steps with the exact Jacobian (``D`` batched
         vector-Jacobian products per step for ``D`` dimensions per row).
         Both accelerated solvers are safeguarded: a step that does not lower a
-        row's residual is replaced by a plain step. ``"auto"``: up to 10 plain
-        steps, then Anderson for the rows still above tolerance (fastest in the
-        measurements of ``benchmarks/bench_inverse.py`` on trained and on
-        nearly non-contractive blocks).
+        row's residual is replaced by a plain step. ``"auto"``: up to 30 plain
+        steps, then, for the rows still above tolerance, Newton (up to 8
+        dimensions per row) or Anderson: as fast as plain iteration on trained
+        flows, where rows converge in a few steps, and many times faster on
+        nearly non-contractive blocks (``benchmarks/bench_inverse.py``).
     atol, rtol : float, optional
         Tolerances; default 1e-10 in float64, 1e-5 otherwise.
     max_iter : int, default=1000

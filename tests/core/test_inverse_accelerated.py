@@ -118,10 +118,11 @@ def test_same_answer_as_plain_iteration(method, g):
     torch.testing.assert_close(fast, plain, rtol=0, atol=2e-10)
 
 
-@pytest.mark.parametrize("method", ACCELERATED)
+@pytest.mark.parametrize("method", [*ACCELERATED, "auto"])
 @pytest.mark.parametrize("make", [lambda: RotatedTanh(4, 0.99, seed=7),
-                                  lambda: SymmetricTanh(8, 0.99, seed=8)],
-                         ids=["rotated", "symmetric"])
+                                  lambda: SymmetricTanh(8, 0.99, seed=8),
+                                  lambda: SymmetricTanh(12, 0.99, seed=8)],
+                         ids=["rotated", "symmetric", "symmetric-12d"])
 def test_fewer_iterations_than_plain_near_lip_one(method, make):
     """Lip(g) = 0.99: plain iteration needs hundreds of steps to 1e-10."""
     g = Counted(make())
