@@ -281,6 +281,8 @@ scoring_estimator_
         )
 
     def _check_weighted_classes(self, codes, sample_weight):
+        if not (sample_weight > 0).any():
+            return  # BaseResidualFlow._fit reports all-zero weights
         present = np.unique(codes[(codes >= 0) & (sample_weight > 0)])
         if len(present) < 2:
             raise ValueError(

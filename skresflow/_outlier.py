@@ -9,10 +9,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._density import ResidualFlowDensity
 
-# contamination="auto": a row is an outlier when the model gives it a lower
-# density than AUTO_LEVEL of the model's own samples (AUTO_SAMPLES of them).
+# contamination="auto": offset_ is this quantile of the training log-densities.
 AUTO_LEVEL = 0.01
-AUTO_SAMPLES = 1000
 
 
 class ResidualFlowOutlierDetector(OutlierMixin, ResidualFlowDensity):
@@ -25,11 +23,12 @@ class ResidualFlowOutlierDetector(OutlierMixin, ResidualFlowDensity):
     ----------
     contamination : "auto" or float, default="auto"
         Expected share of outliers in the training data, in (0, 0.5]: then
-        ``offset_`` is that quantile of the training rows' log-densities.
-        ``"auto"``: ``offset_`` is the 1% quantile of the log-densities of 1000
-        samples drawn from the fitted model, so that about 1% of the rows the
-        model itself generates are flagged (the training data play no role
-        beyond the fit).
+        ``offset_`` is that quantile of the training rows' log-densities, so
+        that share of the training rows is flagged. ``"auto"``: the 1% quantile
+        (``AUTO_LEVEL``), a threshold for clean training data. Held-out inliers
+        score lower than training rows on average, so expect somewhat more than
+        1% of new inliers below it; set ``offset_`` from validation data when
+        the false-alarm rate matters.
     n_blocks, hidden_dims, hidden_channels, n_fc_blocks, n_bins, image_shape, \
 lipschitz_coeff, activation, logdet_estimator, n_exact_terms, logdet_grad, \
 max_iter, batch_size, learning_rate, weight_decay, validation_fraction, \
@@ -140,8 +139,8 @@ logdet_estimator_, scoring_estimator_
         y : None
             Ignored.
         sample_weight : array-like of shape (n_samples,), default=None
-            Per-row weights of the log-likelihood (and of the quantile that
-            sets ``offset_`` when ``contamination`` is a float).
+            Per-row weights of the log-likelihood and of the quantile that
+            sets ``offset_``.
 
         Returns
         -------
@@ -157,15 +156,9 @@ logdet_estimator_, scoring_estimator_
         return self._set_offset(X, sample_weight)
 
     def _set_offset(self, X, sample_weight):
-        if self.contamination == "auto":
-            # A fixed seed: the threshold is part of the model, refits agree.
-            samples = self.sample(AUTO_SAMPLES, random_state=0)
-            self.offset_ = float(np.quantile(self.score_samples(samples), AUTO_LEVEL))
-        else:
-            scores = self.score_samples(X)
-            self.offset_ = float(
-                _weighted_quantile(scores, self.contamination, sample_weight)
-            )
+        level = AUTO_LEVEL if self.contamination == "auto" else self.contamination
+        scores = self.score_samples(X)
+        self.offset_ = float(_weighted_quantile(scores, level, sample_weight))
         if not np.isfinite(self.offset_):
             raise FloatingPointError(
                 f"the outlier threshold offset_ is {self.offset_}: the fitted "
