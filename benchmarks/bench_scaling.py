@@ -117,9 +117,9 @@ def main(argv=None):
     cfg = p.parse_args(argv)
     torch.set_num_threads(cfg.threads)
     grid = {
-        "n_samples": [500, 1000, 2000, 4000],
-        "n_features": [2, 8, 32, 64],
-        "n_blocks": [2, 4, 8],
+        "n_samples": [500, 1000, 2000, 4000, 8000],
+        "n_features": [2, 8, 32, 64, 128],
+        "n_blocks": [2, 4, 8, 16],
     }
     if cfg.quick:
         grid = {k: v[:2] for k, v in grid.items()}
