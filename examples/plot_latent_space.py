@@ -34,13 +34,13 @@ OUT = Path(os.environ.get("SKRESFLOW_EXAMPLES_OUT", Path(__file__).parent))
 torch.set_num_threads(1)
 threadpool_limits(1)
 
-X = make_toy("moons", 400 if QUICK else 3000, random_state=0)
+X = make_toy("moons", 400 if QUICK else 2000, random_state=0)
 est = ResidualFlowDensity(
-    n_blocks=2 if QUICK else 5,
-    hidden_dims=(16,) if QUICK else (64, 64),
-    max_iter=1 if QUICK else 30,
-    learning_rate=5e-3,
-    batch_size=128,
+    n_blocks=2 if QUICK else 10,
+    hidden_dims=(16,) if QUICK else (32, 32),
+    max_iter=1 if QUICK else 20,
+    learning_rate=1e-2,
+    batch_size=64,
     validation_fraction=0.0,
     n_iter_no_change=None,
     random_state=0,

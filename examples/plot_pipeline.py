@@ -49,9 +49,9 @@ flow = make_pipeline(
     StandardScaler(),
     PCA(n_components=8, random_state=0),
     ResidualFlowDensity(
-        n_blocks=2 if QUICK else 6,
+        n_blocks=2 if QUICK else 4,
         hidden_dims=(16,) if QUICK else (64, 64),
-        max_iter=1 if QUICK else 40,
+        max_iter=1 if QUICK else 30,
         learning_rate=3e-3,
         batch_size=128,
         validation_fraction=0.0,
@@ -82,7 +82,8 @@ ax.set(xlabel="PC 1", ylabel="PC 2", title="held-out digits")
 for col, (title, idx) in enumerate(
     [("8 least likely", order[:8]), ("8 most likely", order[-8:])]
 ):
-    mosaic = X_test[idx].reshape(2, 4, 8, 8).transpose(0, 2, 1, 3).reshape(16, 32)
+    padded = np.pad(X_test[idx].reshape(8, 8, 8), ((0, 0), (1, 1), (1, 1)))
+    mosaic = padded.reshape(2, 4, 10, 10).transpose(0, 2, 1, 3).reshape(20, 40)
     ax = fig.add_subplot(1, 3, col + 2)
     ax.imshow(mosaic, cmap="gray_r")
     ax.set_title(title)

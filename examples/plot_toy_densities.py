@@ -36,14 +36,14 @@ OUT = Path(os.environ.get("SKRESFLOW_EXAMPLES_OUT", Path(__file__).parent))
 torch.set_num_threads(1)
 threadpool_limits(1)
 
-DATASETS = ("8gaussians", "moons", "checkerboard")
-N_TRAIN, N_TEST, GRID = (400, 200, 30) if QUICK else (3000, 1000, 120)
+DATASETS = ("8gaussians", "moons")
+N_TRAIN, N_TEST, GRID = (400, 200, 30) if QUICK else (2000, 1000, 120)
 FLOW = {
-    "n_blocks": 2 if QUICK else 5,
-    "hidden_dims": (16,) if QUICK else (64, 64),
-    "max_iter": 1 if QUICK else 25,
-    "learning_rate": 5e-3,
-    "batch_size": 128,
+    "n_blocks": 2 if QUICK else 10,
+    "hidden_dims": (16,) if QUICK else (32, 32),
+    "max_iter": 1 if QUICK else 15,
+    "learning_rate": 1e-2,
+    "batch_size": 64,
     "validation_fraction": 0.0,  # fixed number of epochs: keep the last
     "n_iter_no_change": None,
     "random_state": 0,
