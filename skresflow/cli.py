@@ -292,7 +292,8 @@ def _demo_picture(flow, gmm, X_test, out):
     }
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.3))
     for ax, (title, X) in zip(axes, panels.items(), strict=True):
-        tiles = X.reshape(8, 8, 8, 8).transpose(0, 2, 1, 3).reshape(64, 64)
+        padded = np.pad(X.reshape(64, 8, 8), ((0, 0), (1, 1), (1, 1)))
+        tiles = padded.reshape(8, 8, 10, 10).transpose(0, 2, 1, 3).reshape(80, 80)
         ax.imshow(tiles, cmap="gray_r", vmin=0, vmax=16)
         ax.set_title(title)
         ax.axis("off")
