@@ -49,21 +49,39 @@ def _row_norm(t):
 
 
 def _solve(g, y, atol, rtol, max_iter):
-    """Iterate x <- y - g(x) row by row until ||x + g(x) - y||_inf <= tol."""
+    """Iterate x <- y - g(x) row by row until ||x + g(x) - y||_inf <= tol.
+
+    A row's answer is recorded when it first meets its tolerance; finished rows
+    are dropped from the work in batches (when a tenth of the rows have finished),
+    so that most iterations run on whole tensors without gathers."""
     tol = atol + rtol * _row_norm(y)
     x = y - g(y)
-    active = torch.arange(y.shape[0], device=y.device)
-    residual = torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
+    out, residual = x.clone(), torch.zeros_like(tol)
+    idx, y_l, tol_l = torch.arange(y.shape[0], device=y.device), y, tol
+    live = torch.ones_like(tol, dtype=torch.bool)
     n_iter = 0
-    while active.numel() and n_iter < max_iter:
+    while True:
+        n_live = int(live.sum())
+        if n_live < 0.9 * live.numel():
+            idx, y_l, tol_l, x, live = (
+                idx[live],
+                y_l[live],
+                tol_l[live],
+                x[live],
+                live[live],
+            )
+        if not n_live or n_iter >= max_iter:
+            break
         n_iter += 1
-        x_a = x[active]
-        x_new = y[active] - g(x_a)
-        res = _row_norm(x_a - x_new)  # = ||x_a + g(x_a) - y_a||
-        x[active] = x_new  # the new iterate's residual is at most Lip(g) * res
-        residual[active] = res
-        active = active[res > tol[active]]
-    return x, residual, tol, n_iter
+        x_new = y_l - g(x)
+        res = _row_norm(x - x_new)  # = ||x + g(x) - y||
+        x = x_new  # the new iterate's residual is at most Lip(g) * res
+        residual[idx[live]] = res[live]
+        done = live & (res <= tol_l)
+        out[idx[done]] = x[done]
+        live = live & ~done
+    out[idx[live]] = x[live]
+    return out, residual, tol, n_iter
 
 
 class _Anderson:
