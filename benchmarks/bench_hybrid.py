@@ -81,6 +81,16 @@ FLOW = dict(
     n_iter_no_change=None,
     random_state=0,
 )
+# The multiscale convolutional flow of bench_digits.py ("resflow-conv-tuned"),
+# on (n, 8, 8) images; only for novelty detection (one fit).
+CONV = dict(
+    n_bins=17,
+    learning_rate=3e-3,
+    max_iter=100,
+    validation_fraction=0.0,
+    n_iter_no_change=None,
+    random_state=0,
+)
 INLIERS = (0, 1, 2, 3, 4)
 WEIGHTS = (0.0, "per_dim", 1.0)
 
@@ -110,9 +120,7 @@ def flow_params(quick):
 
 def run_hybrid(Xtr, Xte, ytr, yte, quick):
     rows = []
-    density, seconds = timed(
-        lambda: ResidualFlowDensity(**flow_params(quick)).fit(Xtr)
-    )
+    density, seconds = timed(lambda: ResidualFlowDensity(**flow_params(quick)).fit(Xtr))
     rows.append(
         {
             "model": "ResidualFlowDensity (pure density)",
@@ -171,7 +179,7 @@ def tune_by_likelihood(make, grid, Y):
     return best, make(best).fit(Y)
 
 
-def run_novelty(Xtr, Xte, ytr, yte, quick):
+def run_novelty(Xtr, Xte, ytr, yte, quick, flows=("mlp",)):
     train = Xtr[np.isin(ytr, INLIERS)]
     is_inlier = np.isin(yte, INLIERS)
     Ytr, Yte = dequantise(train, 0), dequantise(Xte, 1)
@@ -188,11 +196,26 @@ def run_novelty(Xtr, Xte, ytr, yte, quick):
         )
         print(rows[-1], flush=True)
 
-    det, seconds = timed(
-        lambda: ResidualFlowOutlierDetector(**flow_params(quick)).fit(train)
-    )
-    record("ResidualFlowOutlierDetector", "FLOW settings", det.score_samples(Xte),
-           seconds)
+    if "mlp" in flows:
+        det, seconds = timed(
+            lambda: ResidualFlowOutlierDetector(**flow_params(quick)).fit(train)
+        )
+        record(
+            "ResidualFlowOutlierDetector",
+            "tabular MLP flow, FLOW settings",
+            det.score_samples(Xte),
+            seconds,
+        )
+    if "conv" in flows:
+        conv = {**CONV, "max_iter": 2} if quick else CONV
+        images = train.reshape(-1, 8, 8)
+        det, seconds = timed(lambda: ResidualFlowOutlierDetector(**conv).fit(images))
+        record(
+            "ResidualFlowOutlierDetector",
+            "multiscale conv flow on (n, 8, 8), CONV settings",
+            det.score_samples(Xte.reshape(-1, 8, 8)),
+            seconds,
+        )
     gmm_grid = [
         (cov, k)
         for cov in ("full", "diag")
@@ -201,30 +224,60 @@ def run_novelty(Xtr, Xte, ytr, yte, quick):
     (best, gmm), seconds = timed(
         lambda: tune_by_likelihood(
             lambda s: GaussianMixture(
-                n_components=s[1], covariance_type=s[0], reg_covar=1e-4,
+                n_components=s[1],
+                covariance_type=s[0],
+                reg_covar=1e-4,
                 random_state=0,
             ),
             gmm_grid,
             Ytr,
         )
     )
-    record("GaussianMixture", f"covariance_type={best[0]}, n_components={best[1]}, "
-           "reg_covar=1e-4 (tuned)", gmm.score_samples(Yte), seconds)
+    record(
+        "GaussianMixture",
+        f"covariance_type={best[0]}, n_components={best[1]}, reg_covar=1e-4 (tuned)",
+        gmm.score_samples(Yte),
+        seconds,
+    )
     bandwidths = tuple(np.round(np.geomspace(0.02, 0.3, 5 if quick else 12), 4))
     (best, kde), seconds = timed(
         lambda: tune_by_likelihood(
             lambda b: KernelDensity(bandwidth=b), bandwidths, Ytr
         )
     )
-    record("KernelDensity", f"gaussian, bandwidth={best} (tuned)",
-           kde.score_samples(Yte), seconds)
+    record(
+        "KernelDensity",
+        f"gaussian, bandwidth={best} (tuned)",
+        kde.score_samples(Yte),
+        seconds,
+    )
     iso, seconds = timed(lambda: IsolationForest(random_state=0).fit(Ytr))
-    record("IsolationForest", "defaults, random_state=0", iso.score_samples(Yte),
-           seconds)
+    record(
+        "IsolationForest", "defaults, random_state=0", iso.score_samples(Yte), seconds
+    )
     lof, seconds = timed(lambda: LocalOutlierFactor(novelty=True).fit(Ytr))
-    record("LocalOutlierFactor", "novelty=True, n_neighbors=20",
-           lof.score_samples(Yte), seconds)
+    record(
+        "LocalOutlierFactor",
+        "novelty=True, n_neighbors=20",
+        lof.score_samples(Yte),
+        seconds,
+    )
     return rows
+
+
+def kept_rows(part):
+    """Rows of the half that ``--part`` does not run, from the last results."""
+    path = DOCS / "hybrid_results.json"
+    if part == "all" or not path.exists():
+        return [], []
+    old = json.loads(path.read_text())
+    for rows in (old["hybrid"], old["novelty"]):
+        for row in rows:
+            row["from"] = f"{old['meta']['command']} ({old['meta']['date']})"
+    return (
+        old["hybrid"] if part == "novelty" else [],
+        old["novelty"] if part == "hybrid" else [],
+    )
 
 
 def machine():
@@ -234,7 +287,9 @@ def machine():
             cpu = line.split(":", 1)[1].strip()
             break
     commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
         cwd=ROOT,
     ).stdout.strip()
     return {
@@ -262,12 +317,22 @@ def render(meta, hybrid, novelty):
         f"{', '.join(f'{v:.1f}' for v in m['load_average'])} (shared machine: "
         f"times are noisy); total {meta['seconds']:.0f} s.",
         "",
+    ]
+    for name, rows in (("Hybrid", hybrid), ("Novelty", novelty)):
+        if rows and "from" in rows[0]:
+            lines += [
+                f"{name} table kept from the run `{rows[0]['from']}` (same "
+                "machine, earlier code state of this page's history).",
+                "",
+            ]
+    lines += [
         "| model | density_weight | lambda | held-out accuracy | bits/dim | fit s |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for r in hybrid:
+        weight = r["density_weight"]
         lines.append(
-            f"| {r['model']} | {r['density_weight'] if r['density_weight'] is not None else '-'}"
+            f"| {r['model']} | {'-' if weight is None else weight}"
             f" | {fmt(r.get('lambda'), 4)} | {fmt(r['accuracy'])} "
             f"| {fmt(r['bits_per_dim'])} | {r['fit_s']:.0f} |"
         )
@@ -290,13 +355,20 @@ def render(meta, hybrid, novelty):
 def write(meta, hybrid, novelty):
     DOCS.mkdir(parents=True, exist_ok=True)
     (DOCS / "hybrid_results.json").write_text(
-        json.dumps({"meta": meta, "hybrid": hybrid, "novelty": novelty}, indent=1,
-                   default=str) + "\n"
+        json.dumps(
+            {"meta": meta, "hybrid": hybrid, "novelty": novelty}, indent=1, default=str
+        )
+        + "\n"
     )
     page = DOCS / "hybrid.md"
     block = render(meta, hybrid, novelty)
-    text = page.read_text() if page.exists() else (
-        "# Hybrid models on digits\n\n<!-- BEGIN GENERATED -->\n<!-- END GENERATED -->\n"
+    text = (
+        page.read_text()
+        if page.exists()
+        else (
+            "# Hybrid models on digits\n\n"
+            "<!-- BEGIN GENERATED -->\n<!-- END GENERATED -->\n"
+        )
     )
     head, rest = text.split("<!-- BEGIN GENERATED -->")
     _, tail = rest.split("<!-- END GENERATED -->")
@@ -316,17 +388,28 @@ def save_figure(hybrid, novelty, path):
     for r in hybrid:
         if r["model"] == "ResidualFlowClassifier":
             left.scatter(r["bits_per_dim"], r["accuracy"], color="C0")
-            left.annotate(f"lambda={r['lambda']:.3g}", (r["bits_per_dim"],
-                          r["accuracy"]), textcoords="offset points", xytext=(4, 4))
+            left.annotate(
+                f"lambda={r['lambda']:.3g}",
+                (r["bits_per_dim"], r["accuracy"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+            )
         elif r["bits_per_dim"] is not None:
-            left.axvline(r["bits_per_dim"], color="C1", ls="--",
-                         label="pure density model")
+            left.axvline(
+                r["bits_per_dim"], color="C1", ls="--", label="pure density model"
+            )
         else:
             left.axhline(r["accuracy"], color="grey", ls=":", lw=1)
-            left.annotate(r["model"].split("(")[0], (left.get_xlim()[0],
-                          r["accuracy"]), fontsize=7)
-    left.set(xlabel="held-out bits/dim (lower is better)",
-             ylabel="held-out accuracy", title="Hybrid trade-off (digits)")
+            left.annotate(
+                r["model"].split("(")[0],
+                (left.get_xlim()[0], r["accuracy"]),
+                fontsize=7,
+            )
+    left.set(
+        xlabel="held-out bits/dim (lower is better)",
+        ylabel="held-out accuracy",
+        title="Hybrid trade-off (digits)",
+    )
     left.legend(fontsize=7)
     names = [r["detector"].replace("ResidualFlow", "RF") for r in novelty]
     right.barh(names, [r["auroc"] for r in novelty], color="C2")
@@ -340,28 +423,43 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--part", choices=("all", "hybrid", "novelty"),
-                        default="all")
+    parser.add_argument(
+        "--part",
+        choices=("all", "hybrid", "novelty"),
+        default="all",
+        help="run one half; the other half's rows "
+        "are kept from docs/benchmarks/hybrid_results.json",
+    )
+    parser.add_argument(
+        "--flows",
+        nargs="+",
+        choices=("mlp", "conv"),
+        default=["mlp", "conv"],
+        help="flow detectors to run",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     meta = {
         "command": "python benchmarks/bench_hybrid.py"
-        + (" --quick" if args.quick else ""),
+        + (" --quick" if args.quick else "")
+        + (f" --part {args.part}" if args.part != "all" else "")
+        + (f" --flows {' '.join(args.flows)}" if args.flows != ["mlp", "conv"] else ""),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"),
+            timespec="seconds"
+        ),
         "machine": machine(),
         "threads": args.threads,
         "flow": {k: v for k, v in FLOW.items()},
     }
     data = load(args.quick)
-    hybrid, novelty = [], []
+    hybrid, novelty = kept_rows(args.part)
     with threadpool_limits(args.threads), warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
         if args.part in ("all", "hybrid"):
             hybrid = run_hybrid(*data, args.quick)
         if args.part in ("all", "novelty"):
-            novelty = run_novelty(*data, args.quick)
+            novelty = run_novelty(*data, args.quick, args.flows)
     meta["seconds"] = time.perf_counter() - t0
     print(render(meta, hybrid, novelty))
     if not args.no_write:

@@ -118,7 +118,8 @@ scoring_estimator_
     >>> from sklearn.datasets import make_blobs
     >>> from skresflow import ResidualFlowClassifier
     >>> X, y = make_blobs(200, centers=2, random_state=0)
-    >>> clf = ResidualFlowClassifier(max_iter=20, random_state=0).fit(X, y)
+    >>> clf = ResidualFlowClassifier(n_blocks=2, hidden_dims=(16,), max_iter=10,
+    ...                              learning_rate=1e-2, random_state=0).fit(X, y)
     >>> clf.score(X, y) > 0.9
     True
     >>> clf.score_samples(X[:3]).shape
@@ -242,7 +243,11 @@ scoring_estimator_
             self._check_weighted_classes(codes, np.asarray(sample_weight, float))
         self._resolve_density_weight(X)
         return self._fit(
-            X, sample_weight, reset=reset, n_epochs=n_epochs, warn=warn,
+            X,
+            sample_weight,
+            reset=reset,
+            n_epochs=n_epochs,
+            warn=warn,
             y=torch.as_tensor(codes, dtype=torch.int64),
         )
 
@@ -256,8 +261,7 @@ scoring_estimator_
                 raise ValueError(
                     f"{type(self).__name__} needs samples of at least 2 classes; "
                     f"got {len(self.classes_)} class ({found}) among the "
-                    "labelled rows."
-                    + self._unlabelled_hint(unlabelled)
+                    "labelled rows." + self._unlabelled_hint(unlabelled)
                 )
         codes = np.searchsorted(self.classes_, y[~unlabelled])
         codes = np.minimum(codes, len(self.classes_) - 1)
@@ -344,18 +348,21 @@ scoring_estimator_
         log_p = self._log_prob(scorer, X.double()) if self.density_weight_ else None
         with torch.no_grad():
             logits = self._logits(scorer, X)
-        return float(hybrid_loss(log_p, logits, y.to(self.device_), w,
-                                 self.density_weight_))
+        return float(
+            hybrid_loss(log_p, logits, y.to(self.device_), w, self.density_weight_)
+        )
 
     # ------------------------------------------------------------- prediction
     def _logits(self, flow, X):
         """Logits in float64, in chunks; pixels at the centres of their bins."""
         X = self._training_view(X.double())
         with torch.no_grad():
-            return torch.cat([
-                flow.classify(chunk.to(self.device_), density=False)[1]
-                for chunk in X.split(4096)
-            ])
+            return torch.cat(
+                [
+                    flow.classify(chunk.to(self.device_), density=False)[1]
+                    for chunk in X.split(4096)
+                ]
+            )
 
     def _predict_logits(self, X):
         check_is_fitted(self)

@@ -16,9 +16,7 @@ from skresflow import ResidualFlowClassifier
 from skresflow.core import tabular_flow
 from skresflow.core.heads import HybridFlow, LinearHead, hybrid_loss
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore::sklearn.exceptions.ConvergenceWarning"
-)
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 
 SMALL = dict(
     n_blocks=2, hidden_dims=(16,), max_iter=20, learning_rate=1e-2, random_state=0
@@ -98,9 +96,7 @@ def test_predictions_and_probabilities(fitted, blobs):
     np.testing.assert_allclose(proba.sum(1), 1.0)
     np.testing.assert_allclose(np.log(proba), fitted.predict_log_proba(X))
     assert fitted.decision_function(X).shape == (200, 3)
-    np.testing.assert_array_equal(
-        fitted.predict(X), fitted.classes_[proba.argmax(1)]
-    )
+    np.testing.assert_array_equal(fitted.predict(X), fitted.classes_[proba.argmax(1)])
     scores = fitted.score_samples(X)
     assert scores.shape == (200,) and np.all(np.isfinite(scores))
 
@@ -222,8 +218,14 @@ def images():
 @pytest.fixture(scope="module")
 def image_clf(images):
     params = dict(
-        n_bins=4, n_blocks=1, hidden_channels=4, head_channels=4, n_fc_blocks=1,
-        hidden_dims=(8,), max_iter=15, random_state=0,
+        n_bins=4,
+        n_blocks=1,
+        hidden_channels=4,
+        head_channels=4,
+        n_fc_blocks=1,
+        hidden_dims=(8,),
+        max_iter=15,
+        random_state=0,
     )
     return ResidualFlowClassifier(**params).fit(*images)
 
@@ -304,5 +306,6 @@ def test_hybrid_flow_density_matches_the_flow():
     torch.testing.assert_close(log_p, base.log_prob(x))
     _, logits_fast = flow.classify(x, density=False)
     torch.testing.assert_close(logits_fast, logits)
-    torch.testing.assert_close(flow.class_log_prob(x).exp().sum(1), torch.ones(7,
-                               dtype=torch.float64))
+    torch.testing.assert_close(
+        flow.class_log_prob(x).exp().sum(1), torch.ones(7, dtype=torch.float64)
+    )

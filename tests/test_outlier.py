@@ -11,9 +11,7 @@ import skresflow
 import skresflow._outlier as outlier_module
 from skresflow import ResidualFlowDensity, ResidualFlowOutlierDetector
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore::sklearn.exceptions.ConvergenceWarning"
-)
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 
 SMALL = dict(n_blocks=2, hidden_dims=(16,), max_iter=5, random_state=0)
 
