@@ -22,6 +22,7 @@ from sklearn.utils.validation import (
 )
 
 from ._checks import check_training_data
+from ._distributed import DataParallel
 from .core import ACTIVATIONS, GRAD_MODES, FixedAffine, dequantize
 from .core.train import NonFiniteLossError, Trainer
 
@@ -185,25 +186,43 @@ class BaseResidualFlow(BaseEstimator):
     def _fit(self, X, sample_weight, *, reset, n_epochs, warn, y=None):
         """``y``: optional per-row targets (a tensor), batched with ``X`` and
         passed to :meth:`_batch_loss` (and found in ``val[2]`` by ``_evaluate``)."""
+        self._dp = DataParallel.current()  # None: one process (the usual case)
+        if self._dp is not None and y is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__} cannot train data-parallel yet (only "
+                "ResidualFlowDensity can); call fit outside the torch.distributed "
+                "process group."
+            )
         X = self._validate_X(X, reset=reset)
         sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
         if self.n_bins is None:
             check_training_data(X, warn=reset, stacklevel=4)
-        if reset:
+        if reset and self._dp is None:
             self.device_ = resolve_device(self.device)
             self._generator = make_generator(self.random_state)
+        elif reset:
+            setup = self._dp.setup(self.device, self.random_state)
+            self.device_, self._generator = setup
+        if reset:
             self.history_ = []
             self.n_iter_ = 0
+        if self._dp is not None:
+            self._dp.start(self._generator, self.device_)
         Xt = torch.tensor(X, dtype=torch.float32)  # a copy: X may be read-only
         wt = torch.as_tensor(sample_weight, dtype=torch.float32)
         train, val = self._split(Xt.shape[0])
+        if self._dp is not None:  # every rank builds (and checks) on the same rows
+            self._dp.gather_rows(Xt[train], wt[train])
         if reset:
+            build = (Xt[train], wt[train]) if self._dp is None else self._dp.rows
             # Module constructors draw from torch's global RNG: fork it, seed the fork
             # from our generator, and leave the user's global state untouched.
             seed = int(torch.randint(2**31 - 1, (), generator=self._generator))
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                flow = self._build_flow(Xt[train], wt[train]).to(self.device_)
+                flow = self._build_flow(*build).to(self.device_)
+            if self._dp is not None:
+                self._dp.broadcast_module(flow)
         else:
             flow = copy.deepcopy(self.flow_).float()
         self._configure_for_training(flow)
@@ -215,11 +234,14 @@ class BaseResidualFlow(BaseEstimator):
             n_epochs,
             warn,
         )
+        self._dp = None  # holds rows and generators: not part of the model
         return self
 
     def _split(self, n_samples):
         """Random train/validation split; validation only if it leaves enough rows."""
-        perm = torch.randperm(n_samples, generator=self._generator)
+        dp = getattr(self, "_dp", None)
+        generator = self._generator if dp is None else dp.local_generator
+        perm = torch.randperm(n_samples, generator=generator)
         n_val = int(self.validation_fraction * n_samples)
         if n_val < 2 or n_samples - n_val < 2:
             return perm, perm[:0]
@@ -229,12 +251,19 @@ class BaseResidualFlow(BaseEstimator):
         n_train = train[0].shape[0]
         batch_size = min(self.batch_size, n_train)
         steps_per_epoch = -(-n_train // batch_size)
+        has_val = bool(val[0].shape[0])
+        if self._dp is not None:  # the same steps and validation on every rank
+            _, batch_size, steps_per_epoch = self._dp.epoch_plan(
+                n_train, self.batch_size
+            )
+            has_val = self._dp.any(has_val)
         trainer = Trainer(
             flow,
             lr=self.learning_rate,
             total_steps=n_epochs * steps_per_epoch,
             warmup_steps=min(500, steps_per_epoch * max(n_epochs // 10, 1)),
             weight_decay=self.weight_decay,
+            grad_sync=None if self._dp is None else self._dp.sync_gradients,
         )
         monitor = _EarlyStopping(self.n_iter_no_change, self.tol, start=self.n_iter_)
         start, stopped_early = time.perf_counter(), False
@@ -243,7 +272,7 @@ class BaseResidualFlow(BaseEstimator):
                 t0 = time.perf_counter()
                 train_nll = self._train_epoch(flow, trainer, train, batch_size)
                 state = trainer.averaged_state()
-                val_nll = self._evaluate(flow, state, val) if val[0].shape[0] else None
+                val_nll = self._validation_loss(flow, state, val) if has_val else None
                 self.n_iter_ += 1
                 record = {
                     "epoch": self.n_iter_,
@@ -270,7 +299,10 @@ class BaseResidualFlow(BaseEstimator):
                     "fit was interrupted before one epoch finished; no model was "
                     "stored."
                 ) from None
-        self.flow_ = self._finite_scorer(flow, monitor, train[0])
+        rows = train[0] if self._dp is None else self._dp.rows[0]
+        self.flow_ = self._finite_scorer(flow, monitor, rows)
+        if self._dp is not None:  # bit-identical models, even across unlike hardware
+            self._dp.broadcast_module(self.flow_)
         if warn and not stopped_early and self.n_iter_no_change is not None:
             warnings.warn(
                 f"{type(self).__name__} reached max_iter={self.max_iter} epochs while "
@@ -316,18 +348,36 @@ class BaseResidualFlow(BaseEstimator):
 
     def _train_epoch(self, flow, trainer, train, batch_size):
         flow.train()
-        perm = torch.randperm(train[0].shape[0], generator=self._generator)
+        if self._dp is None:
+            perm = torch.randperm(train[0].shape[0], generator=self._generator)
+            generator = self._generator
+        else:  # shuffle and probes per rank, roulette shared (see core.logdet)
+            perm = self._dp.epoch_order(train[0].shape[0])
+            generator = self._dp.generators(self._generator)
         total, weight = 0.0, 0.0
         for idx in perm.split(batch_size):
             xb, wb, *targets = (t[idx].to(self.device_) for t in train)
             loss = trainer.step(
                 lambda xb=xb, wb=wb, targets=targets: self._batch_loss(
-                    flow, xb, wb, self._generator, *targets
-                )
+                    flow, xb, wb, generator, *targets
+                ),
+                weight=float(wb.sum()),
             )
             if np.isfinite(loss):
                 total += loss * float(wb.sum())
                 weight += float(wb.sum())
+        if self._dp is not None:
+            total, weight = self._dp.sum([total, weight])
+        return total / weight if weight else float("nan")
+
+    def _validation_loss(self, flow, state, val):
+        """:meth:`_evaluate`, averaged over the ranks of a data-parallel fit."""
+        if self._dp is None:
+            return self._evaluate(flow, state, val)
+        n = val[0].shape[0]
+        weight = float(val[1].sum()) if n else 0.0
+        loss = self._evaluate(flow, state, val) if n else 0.0
+        total, weight = self._dp.sum([loss * weight, weight])
         return total / weight if weight else float("nan")
 
     def _evaluate(self, flow, state, val):
@@ -347,8 +397,8 @@ class BaseResidualFlow(BaseEstimator):
         return scorer
 
     def _report(self, record, epoch, n_epochs, elapsed):
-        if not self.verbose:
-            return
+        if not self.verbose or getattr(self, "_dp", None) and self._dp.rank:
+            return  # in a data-parallel fit only rank 0 prints
         remaining = elapsed / (epoch + 1) * (n_epochs - epoch - 1)
         val = f"  val NLL {record['val_loss']:.4f}" if "val_loss" in record else ""
         print(

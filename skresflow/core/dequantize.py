@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from .logdet import row_hash
+from .logdet import row_hash, split_generator
 
 __all__ = ["dequantize", "quantize"]
 
@@ -20,6 +20,8 @@ def dequantize(x, n_bins, generator=None, *, noise="random"):
         Integer values (any floating dtype).
     n_bins : int
     generator : torch.Generator, optional
+        Or a ``(shared, local)`` pair (see :mod:`skresflow.core.logdet`): the
+        noise is drawn from ``local``.
     noise : {"random", "row_hash"}, default="random"
         ``"random"``: fresh ``u ~ U(0, 1)`` per value (training).
         ``"row_hash"``: ``u`` taken from a table of 256 draws by a hash of the
@@ -34,6 +36,7 @@ def dequantize(x, n_bins, generator=None, *, noise="random"):
         ``u``, a lower bound on ``log P(x)`` (Theis et al. 2016).
     """
     event = x.shape[1:]
+    generator = split_generator(generator)[1]
     gen_device = generator.device if generator is not None else x.device
     if noise == "random":
         u = torch.rand(x.shape, generator=generator, device=gen_device, dtype=x.dtype)

@@ -24,6 +24,11 @@ One entry point, :func:`logdet_estimate`, with string options:
 The value returned is always the honest estimate of the chosen estimator; only
 the gradient depends on ``grad``. All random draws (roulette length first, then
 the probes) come from ``generator``, in the same order in every mode.
+``generator`` may also be a pair ``(shared, local)``: the roulette length is then
+drawn from ``shared`` and the probes from ``local``. Data-parallel training
+passes a pair whose first generator has the same state in every process, so all
+processes compute the same number of series terms (none waits on another) while
+their probes stay independent.
 """
 
 import math
@@ -69,8 +74,10 @@ def logdet_estimate(
     grad : {"memory_efficient", "neumann", "backward_in_forward", "naive"}
         How the gradient is formed (see the module docstring); default
         ``"memory_efficient"``.
-    generator : torch.Generator, optional
-        Source of every random draw. ``None`` uses torch's global generator.
+    generator : torch.Generator or pair of them, optional
+        Source of every random draw. ``None`` uses torch's global generator; a
+        pair ``(shared, local)`` draws the roulette length from ``shared`` and
+        the probes from ``local``.
     **options : dict
         Series options:
 
@@ -225,6 +232,13 @@ def _check_args(x, estimator, n_exact_terms, grad, options):
     return opts
 
 
+def split_generator(generator):
+    """``(shared, local)`` generators from a generator or such a pair."""
+    if isinstance(generator, tuple):
+        return generator
+    return generator, generator
+
+
 def _dot(a, b):
     return (a * b).flatten(1).sum(1)
 
@@ -334,8 +348,9 @@ def _power_series(gx, x, v, coeffs, *, create_graph, want_w):
 def _series_estimate(
     g, x, estimator, n_exact_terms, grad, generator, opts, params, needs_grad
 ):
-    coeffs = _roulette(estimator, n_exact_terms, opts, generator)
-    v = _probes(x, opts, generator)
+    shared, local = split_generator(generator)
+    coeffs = _roulette(estimator, n_exact_terms, opts, shared)
+    v = _probes(x, opts, local)
     n_probes, b = opts["n_probes"], x.shape[0]
     x_in = x.repeat(n_probes, *([1] * (x.dim() - 1))) if n_probes > 1 else x
     gx_in = g(x_in)

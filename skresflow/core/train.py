@@ -39,6 +39,15 @@ class Trainer:
         Consecutive non-finite steps tolerated; each one is skipped (the weights
         are untouched) and halves the learning rate. One more raises
         :class:`NonFiniteLossError`.
+    grad_sync : callable or None, default=None
+        Data-parallel training: ``grad_sync(params, finite, weight)`` is called
+        every step between back-propagation and clipping (also after a
+        non-finite loss, so that no process waits on another); it replaces each
+        ``p.grad`` by the average over processes (weighted by ``weight``) and
+        returns whether every process's loss was finite. Gradients are final
+        once ``backward`` returns, however they were formed (the
+        memory-efficient log-det forms them inside its own backward), so
+        averaging them here is exact.
     """
 
     def __init__(
@@ -53,8 +62,10 @@ class Trainer:
         weight_decay=0.0,
         final_lr_fraction=0.05,
         max_bad_steps=5,
+        grad_sync=None,
     ):
         self.module = module
+        self.grad_sync = grad_sync
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay
@@ -83,16 +94,21 @@ class Trainer:
         cosine = f + (1 - f) * 0.5 * (1 + math.cos(math.pi * progress))
         return self.lr * self.lr_scale * warm * cosine
 
-    def step(self, loss_fn):
+    def step(self, loss_fn, *, weight=1.0):
         """Run ``loss_fn()``, back-propagate and update; return the loss (float).
 
         A non-finite loss or gradient skips the update and returns ``nan``.
+        ``weight``: this process's share of the averaged gradient (``grad_sync``).
         """
         self.optimizer.zero_grad(set_to_none=True)
         loss = loss_fn()
         value = loss.item()
         if math.isfinite(value):
             loss.backward()
+        if self.grad_sync is not None:
+            if not self.grad_sync(self.params, math.isfinite(value), weight):
+                value = float("nan")  # some process had a non-finite loss
+        if math.isfinite(value):
             norm = torch.nn.utils.clip_grad_norm_(
                 self.params, self.max_grad_norm or float("inf")
             )
