@@ -65,8 +65,8 @@ def tabular_data(draw, min_rows=1, max_rows=40, max_features=4):
     if dtype is bool:
         return X > np.median(X, axis=0)
     if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        return np.clip(np.round(X), info.min, info.max).astype(dtype)
+        info = np.iinfo(dtype)  # (half the range: float(int64 max) overflows)
+        return np.clip(np.round(X), info.min // 2, info.max // 2).astype(dtype)
     with np.errstate(over="ignore"):
         return X.astype(dtype)  # float16 overflows to inf: must be a ValueError
 
