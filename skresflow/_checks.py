@@ -1,8 +1,9 @@
 """Fit-time checks of the training data that warn about degenerate columns.
 
-A continuous density is degenerate on constant or perfectly collinear features
-(the likelihood can grow without bound), and a few extreme values squeeze the
-rest of a feature under the internal standardisation. None of these is an error,
+A continuous density is degenerate on constant features and on features that
+are strictly monotone functions of each other (copies, affine maps, logs): the
+likelihood can grow without bound. A few extreme values squeeze the rest of a
+feature under the internal standardisation. None of these is an error,
 but each silently ruins a model, so each gets a warning with its remedy.
 """
 
@@ -14,7 +15,7 @@ import numpy as np
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 # A value this many interquartile ranges from its feature's median is "extreme".
 OUTLIER_IQRS = 1e3
-# Collinearity is checked on at most this many rows and features.
+# Shared ranks are looked for on at most this many rows and features.
 _MAX_ROWS, _MAX_FEATURES = 5000, 256
 _MAX_QUANTILE_ROWS = 20_000
 
