@@ -191,5 +191,6 @@ def _metadata(payload, path):
 def _params(params):
     tuples = ("hidden_dims", "image_shape")
     return {
-        k: tuple(v) if k in tuples and v is not None else v for k, v in params.items()
+        k: tuple(v) if k in tuples and isinstance(v, list) else v
+        for k, v in params.items()
     }

@@ -12,6 +12,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils._param_validation import InvalidParameterError
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
+import skresflow._base as base_module
 import skresflow._density as density_module
 from skresflow import ResidualFlowDensity
 from skresflow.datasets import make_toy
@@ -160,11 +161,32 @@ def test_history_and_verbose(moons, capsys):
     assert [h["epoch"] for h in est.history_] == [1, 2]
     assert est.n_iter_ == 2
     for h in est.history_:
-        assert {"train_loss", "val_loss", "seconds"} <= set(h)
-        assert np.isfinite(h["train_loss"]) and np.isfinite(h["val_loss"])
+        assert {"train_loss", "seconds"} <= set(h)
+        assert np.isfinite(h["train_loss"])
+    # Validation runs about every EVAL_STEPS steps, and always after the last epoch.
+    assert np.isfinite(est.history_[-1]["val_loss"])
 
 
-def test_early_stopping_restores_best(moons):
+def test_validation_runs_every_few_epochs_on_small_data(moons):
+    est = _fit(moons, max_iter=12, n_iter_no_change=None, batch_size=64)
+    evaluated = [h["epoch"] for h in est.history_ if "val_loss" in h]
+    n_train = len(moons) - int(0.1 * len(moons))
+    every = -(-base_module.EVAL_STEPS // -(-n_train // 64))
+    expected = sorted({*range(every, 13, every), 12})
+    assert evaluated == expected
+
+
+def test_auto_training_length_counts_optimiser_steps(moons, monkeypatch):
+    monkeypatch.setattr(base_module, "AUTO_STEPS", 20)
+    est = _fit(moons, max_iter="auto", learning_rate="auto")
+    assert est.n_iter_ == 3  # 540 training rows / 64 = 9 steps per epoch
+    assert est._learning_rate() == base_module.AUTO_LEARNING_RATE["tabular"]
+    defaults = ResidualFlowDensity().get_params()
+    assert defaults["max_iter"] == defaults["n_iter_no_change"] == "auto"
+
+
+def test_early_stopping_restores_best(moons, monkeypatch):
+    monkeypatch.setattr(base_module, "EVAL_STEPS", 1)  # validate every epoch
     est = ResidualFlowDensity(
         **{**SMALL, "max_iter": 60, "n_iter_no_change": 2, "tol": 10.0}
     ).fit(moons)
