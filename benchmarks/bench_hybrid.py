@@ -385,6 +385,8 @@ def save_figure(hybrid, novelty, path):
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.set_xscale("log")
+    left.set_xlim(2.0, 100.0)
     for r in hybrid:
         if r["model"] == "ResidualFlowClassifier":
             left.scatter(r["bits_per_dim"], r["accuracy"], color="C0")
@@ -406,16 +408,23 @@ def save_figure(hybrid, novelty, path):
                 fontsize=7,
             )
     left.set(
-        xlabel="held-out bits/dim (lower is better)",
+        xlabel="held-out bits/dim (lower is better; log scale)",
         ylabel="held-out accuracy",
         title="Hybrid trade-off (digits)",
     )
     left.legend(fontsize=7)
-    names = [r["detector"].replace("ResidualFlow", "RF") for r in novelty]
+    names = [_short_name(r) for r in novelty]
     right.barh(names, [r["auroc"] for r in novelty], color="C2")
     right.set(xlim=(0.5, 1.0), xlabel="AUROC", title="Novelty: digits 5-9")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _short_name(row):
+    name = row["detector"].replace("ResidualFlowOutlierDetector", "ResidualFlow")
+    if name == "ResidualFlow":
+        name += " (conv)" if "conv" in row["settings"] else " (MLP)"
+    return name
 
 
 def main():
