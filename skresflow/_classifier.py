@@ -119,7 +119,8 @@ scoring_estimator_
     >>> from skresflow import ResidualFlowClassifier
     >>> X, y = make_blobs(200, centers=2, random_state=0)
     >>> clf = ResidualFlowClassifier(n_blocks=2, hidden_dims=(16,), max_iter=10,
-    ...                              learning_rate=1e-2, random_state=0).fit(X, y)
+    ...                              learning_rate=1e-2, n_iter_no_change=None,
+    ...                              random_state=0).fit(X, y)
     >>> clf.score(X, y) > 0.9
     True
     >>> clf.score_samples(X[:3]).shape

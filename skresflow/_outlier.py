@@ -66,7 +66,7 @@ logdet_estimator_, scoring_estimator_
     >>> from skresflow import ResidualFlowOutlierDetector
     >>> X = np.random.default_rng(0).normal(size=(200, 2))
     >>> det = ResidualFlowOutlierDetector(n_blocks=2, hidden_dims=(16,), max_iter=5,
-    ...                                   random_state=0).fit(X)
+    ...                                   n_iter_no_change=None, random_state=0).fit(X)
     >>> det.predict([[0.0, 0.0], [8.0, 8.0]])
     array([ 1, -1])
     """
