@@ -61,8 +61,11 @@ class ResidualFlowDensity(DensityMixin, TransformerMixin, BaseResidualFlow):
     n_bins : int or None, default=None
         Number of discrete levels (256 for 8-bit pixels, 17 for sklearn's
         digits): values must be integers in ``0..n_bins-1``. Training then
-        dequantises with uniform noise, and ``score_samples`` returns the
-        dequantisation lower bound on the log-probability of the discrete values.
+        dequantises with uniform noise, and ``score_samples`` returns a
+        one-draw estimate of the dequantisation lower bound
+        ``E_u log p(x + u) <= log P(x)`` (the draw is fixed per row, so scores are
+        deterministic; a single row's value can exceed the bound, the mean over
+        many rows estimates it).
     image_shape : tuple (C, H, W) or None, default=None
         Treat 2-D rows as flattened images (e.g. inside a Pipeline).
     lipschitz_coeff : float, default=0.97

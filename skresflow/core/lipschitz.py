@@ -275,6 +275,12 @@ class LipschitzConv2d(_LipschitzMixin, nn.Conv2d):
         return self._spatial
 
     def _vectors(self, w):
+        if self._spatial is None:
+            raise RuntimeError(
+                "the operator norm of a convolution depends on the input size: "
+                "run a forward pass (e.g. fit or log_prob) before normalising, "
+                "sampling or inverting."
+            )
         h, wd = self._spatial
         if self._v.shape != (1, self.in_channels, h, wd):
             g = torch.Generator().manual_seed(0)

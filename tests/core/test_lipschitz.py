@@ -300,3 +300,9 @@ def test_conv_bound_before_forward_raises():
 def test_conv_even_kernel_raises(k):
     with pytest.raises(ValueError, match=f"kernel_size must be odd; got {k} instead"):
         LipschitzConv2d(2, 2, k)
+
+
+def test_conv_normalisation_before_any_forward_raises_a_clear_error():
+    layer = LipschitzConv2d(2, 3, 3)
+    with pytest.raises(RuntimeError, match="run a forward pass"):
+        layer.normalized_weight()
