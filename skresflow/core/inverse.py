@@ -338,6 +338,8 @@ def fixed_point_inverse(
     True
     """
     method = _resolve_method(method)
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be at least 1; got {max_iter!r} instead.")
     atol = _default_tol(y.dtype) if atol is None else atol
     rtol = _default_tol(y.dtype) if rtol is None else rtol
     params = [p for p in g.parameters() if p.requires_grad]

@@ -129,3 +129,9 @@ def test_implicit_gradient_matches_inverse_jacobian():
     jac = torch.autograd.functional.jacobian(inverse, y)
     forward_jac = torch.autograd.functional.jacobian(lambda t: t + g(t), inverse(y))
     torch.testing.assert_close(jac, torch.linalg.inv(forward_jac), rtol=0, atol=1e-12)
+
+
+def test_max_iter_below_one_raises():
+    g = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="max_iter must be at least 1"):
+        fixed_point_inverse(g, torch.zeros(1, 2), max_iter=0)
