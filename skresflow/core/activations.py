@@ -39,34 +39,8 @@ class LipSwish(nn.Module):
         self.beta = nn.Parameter(torch.tensor(float(beta_init)))
 
     def forward(self, x):
-        return _LipSwishFunction.apply(x, F.softplus(self.beta))
-
-
-class _LipSwishFunction(torch.autograd.Function):
-    """``x * sigmoid(beta * x) / 1.1`` that saves only ``x`` for backward.
-
-    Autograd's own graph of the formula keeps ``beta * x``, the sigmoid and the
-    product (three tensors the size of ``x``); this one recomputes the sigmoid in
-    backward. The backward is written with differentiable ops, so second
-    derivatives (needed by the log-det gradient) work as before.
-    """
-
-    @staticmethod
-    def forward(ctx, x, beta):
-        ctx.save_for_backward(x, beta)
+        beta = F.softplus(self.beta)
         return x * torch.sigmoid(beta * x) / 1.1
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, beta = ctx.saved_tensors
-        s = torch.sigmoid(beta * x)
-        ds = s * (1 - s)
-        grad_x = grad_beta = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad * (s + beta * x * ds) / 1.1
-        if ctx.needs_input_grad[1]:
-            grad_beta = (grad * x * x * ds).sum().reshape(beta.shape) / 1.1
-        return grad_x, grad_beta
 
 
 ACTIVATIONS = ("lipswish", "elu", "softplus", "tanh", "relu")
