@@ -57,7 +57,7 @@ def outcomes(tmp_path_factory):
 
 
 def test_there_are_examples():
-    assert len(EXAMPLES) >= 5
+    assert len(EXAMPLES) >= 8
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
