@@ -10,7 +10,7 @@ and the optimiser can exploit the difference. The unbiased estimator adds a
 Russian-roulette tail and tracks the exact value in expectation.
 
 Runtime (measured, 1 thread, 2-core AMD EPYC shared with other jobs): about
-10 minutes (613 s) with the defaults (about 5 minutes on an idle core);
+10 minutes (613 s) with the defaults;
 ``--quick`` about 10 seconds.
 
     python experiments/exp_biased_logdet.py            # docs figure
