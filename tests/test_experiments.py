@@ -24,6 +24,7 @@ def test_there_are_experiments():
         "exp_estimator_variance",
         "exp_activations",
         "plot_logdet_memory",
+        "exp_hybrid",
     }
 
 
