@@ -25,6 +25,7 @@ def test_there_are_experiments():
         "exp_activations",
         "plot_logdet_memory",
         "exp_hybrid",
+        "exp_activations_digits",
     }
 
 
