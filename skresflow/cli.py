@@ -302,6 +302,21 @@ def _demo_picture(flow, gmm, X_test, out):
     print(f"\nwrote 64 samples of each model and 64 real digits to {out}")
 
 
+def _max_iter(text):
+    """argparse type of --max-iter: a positive integer or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f'must be a positive integer or "auto"; got {text!r}'
+        )
+    return value
+
+
 def build_parser():
     from .datasets import TOY_DATASETS
 
@@ -322,7 +337,12 @@ def build_parser():
         "data", help=".npy/.csv file or digits, " + ", ".join(TOY_DATASETS)
     )
     fit.add_argument("--out", required=True, help="model file to write")
-    fit.add_argument("--max-iter", type=int, default=100)
+    fit.add_argument(
+        "--max-iter",
+        type=_max_iter,
+        default="auto",
+        help='epochs, or "auto" (about 2,000 optimiser steps; the default)',
+    )
     fit.add_argument("--n-blocks", type=int)
     fit.add_argument("--n-bins", type=int, help="discrete levels (digits: 17)")
     fit.add_argument("--device", default="auto")
