@@ -39,14 +39,6 @@ def _normal(n=200, d=2, seed=0):
     return np.random.default_rng(seed).normal(size=(n, d))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def fitted():
     with torch.random.fork_rng(devices=[]):

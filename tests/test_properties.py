@@ -33,14 +33,6 @@ FAST = settings(
 DTYPES = [np.float64, np.float32, np.float16, np.int64, np.int32, np.uint8, bool]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @st.composite
 def tabular_data(draw, min_rows=1, max_rows=40, max_features=4):
     """Rows of mixed scales with, at times, constant or duplicated columns and
