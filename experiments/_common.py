@@ -2,6 +2,7 @@
 engine (so that every epoch can be scored with the exact log-likelihood of the
 live weights), toy data and output paths."""
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -106,6 +107,35 @@ def write_json(path, payload):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"wrote {path}")
+
+
+def save_results(script, args, t0, **payload):
+    """``{args.out}.json`` with the command, arguments and seconds of a run."""
+    write_json(
+        f"{args.out}.json",
+        {
+            "command": f"python experiments/{Path(script).name}",
+            "args": vars(args),
+            "seconds": time.perf_counter() - t0,
+            **payload,
+        },
+    )
+
+
+def digits_args(description, out_name, argv=None):
+    """Command line of the digits experiments: seeds, budget, model size."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--max-iter", type=int, default=40)
+    p.add_argument("--n-blocks", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--quick", action="store_true", help="tiny smoke-test settings")
+    p.add_argument("--plot-only", action="store_true", help="redraw from the JSON")
+    p.add_argument("--out", default=str(STATIC / out_name))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.max_iter, args.n_blocks, args.hidden = [0], 1, 1, 16
+    return args
 
 
 def pyplot():

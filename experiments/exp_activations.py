@@ -26,10 +26,10 @@ from _common import (
     build_flow,
     exact_log_prob,
     pyplot,
+    save_results,
     setup,
     toy_split,
     train,
-    write_json,
 )
 
 ACTIVATIONS = ["lipswish", "elu", "softplus"]
@@ -140,16 +140,7 @@ def main(argv=None):
         run(t, a, s, args) for t in args.toys for s in args.seeds for a in ACTIVATIONS
     ]
     table = summarise(runs, args)
-    write_json(
-        f"{args.out}.json",
-        {
-            "command": "python experiments/exp_activations.py",
-            "args": vars(args),
-            "seconds": time.perf_counter() - t0,
-            "summary": table,
-            "runs": runs,
-        },
-    )
+    save_results(__file__, args, t0, summary=table, runs=runs)
     plot(table, args)
 
 

@@ -29,10 +29,10 @@ from _common import (
     estimate_log_prob,
     exact_log_prob,
     pyplot,
+    save_results,
     setup,
     toy_split,
     train,
-    write_json,
 )
 
 CONFIGS = {
@@ -153,15 +153,7 @@ def main(argv=None):
     setup(args.seed)
     t0 = time.perf_counter()
     runs = [run(t, n, c, args) for t in args.toys for n, c in CONFIGS.items()]
-    write_json(
-        f"{args.out}.json",
-        {
-            "command": "python experiments/exp_biased_logdet.py",
-            "args": vars(args),
-            "seconds": time.perf_counter() - t0,
-            "runs": runs,
-        },
-    )
+    save_results(__file__, args, t0, runs=runs)
     plot(runs, args)
 
 

@@ -18,12 +18,11 @@ Runtime (measured, 1 thread, 2-core AMD EPYC shared with other jobs): see
     python experiments/exp_hybrid.py --seeds 0 1 2 3 4 --max-iter 100 --n-blocks 8
 """
 
-import argparse
 import json
 import time
 
 import numpy as np
-from _common import STATIC, pyplot, setup, write_json
+from _common import digits_args, pyplot, save_results, setup
 from sklearn.model_selection import train_test_split
 
 from skresflow import ResidualFlowClassifier
@@ -33,18 +32,7 @@ WEIGHTS = {"0": 0.0, "1/D": "per_dim", "1": 1.0}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--max-iter", type=int, default=40)
-    p.add_argument("--n-blocks", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--quick", action="store_true", help="tiny smoke-test settings")
-    p.add_argument("--plot-only", action="store_true", help="redraw from the JSON")
-    p.add_argument("--out", default=str(STATIC / "hybrid"))
-    args = p.parse_args(argv)
-    if args.quick:
-        args.seeds, args.max_iter, args.n_blocks, args.hidden = [0], 1, 1, 16
-    return args
+    return digits_args(__doc__.splitlines()[0], "hybrid", argv)
 
 
 def run(weight, seed, data, args):
@@ -132,16 +120,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     runs = [run(w, s, data, args) for s in args.seeds for w in WEIGHTS]
     table = summarise(runs)
-    write_json(
-        f"{args.out}.json",
-        {
-            "command": "python experiments/exp_hybrid.py",
-            "args": vars(args),
-            "seconds": time.perf_counter() - t0,
-            "summary": table,
-            "runs": runs,
-        },
-    )
+    save_results(__file__, args, t0, summary=table, runs=runs)
     plot(table, args)
 
 
