@@ -213,15 +213,21 @@ default="memory_efficient"
         return int(np.prod(self.event_shape_))
 
     def _build_flow(self, X, sample_weight):
-        X = self._training_view(X)
+        centres = self._training_view(X)
         if self._is_image and self.n_bins:
             preprocessing = "logit"
         else:
             noise_var = 0.0 if self.n_bins is None else 1 / (12 * self.n_bins**2)
-            preprocessing = standardizer(X, sample_weight, noise_var=noise_var)
+            preprocessing = standardizer(centres, sample_weight, noise_var=noise_var)
         flow = self._make_flow(preprocessing)
         idx = torch.randperm(X.shape[0], generator=self._generator)[:2048]
-        return initialize_actnorm(flow, X[idx])
+        if self.n_bins is None:
+            return initialize_actnorm(flow, X[idx])
+        # ActNorm statistics from one dequantised draw, the data training sees: on
+        # the bin centres a constant pixel has variance 0 and its ActNorms would
+        # amplify the real (noise) variation of that pixel.
+        y, _ = dequantize(X[idx], self.n_bins, self._generator, noise="random")
+        return initialize_actnorm(flow, y)
 
     def _make_flow(self, preprocessing):
         """The architecture for ``event_shape_``, before any data is seen."""
