@@ -3,11 +3,13 @@
 from numbers import Real
 
 import numpy as np
+import torch.distributed as dist
 from sklearn.base import OutlierMixin, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._density import ResidualFlowDensity
+from ._distributed import DataParallel
 
 # contamination="auto": offset_ is this quantile of the training log-densities.
 AUTO_LEVEL = 0.01
@@ -41,7 +43,10 @@ n_iter_no_change, tol, random_state, device, verbose, warm_start
     ----------
     offset_ : float
         Threshold on :meth:`score_samples`: ``decision_function`` is
-        ``score_samples - offset_`` and negative values are outliers.
+        ``score_samples - offset_`` and negative values are outliers. In a
+        data-parallel fit (a ``torch.distributed`` process group) the quantile
+        is taken over the training rows of all processes, so that every
+        process gets the same ``offset_``.
     flow_, n_features_in_, feature_names_in_, n_iter_, history_, device_, \
 logdet_estimator_, scoring_estimator_
         As in :class:`ResidualFlowDensity`.
@@ -158,8 +163,8 @@ logdet_estimator_, scoring_estimator_
 
     def _set_offset(self, X, sample_weight):
         level = AUTO_LEVEL if self.contamination == "auto" else self.contamination
-        scores = self.score_samples(X)
-        self.offset_ = float(_weighted_quantile(scores, level, sample_weight))
+        scores, weights = self._training_scores(X, sample_weight)
+        self.offset_ = float(_weighted_quantile(scores, level, weights))
         if not np.isfinite(self.offset_):
             raise FloatingPointError(
                 f"the outlier threshold offset_ is {self.offset_}: the fitted "
@@ -167,6 +172,21 @@ logdet_estimator_, scoring_estimator_
                 "check X for extreme values."
             )
         return self
+
+    def _training_scores(self, X, sample_weight):
+        """Scores and weights of the training rows; of all ranks' rows, in rank
+        order, in a data-parallel fit, so that every rank gets the same offset_."""
+        scores = self.score_samples(X)
+        weights = None if sample_weight is None else np.asarray(sample_weight, float)
+        dp = DataParallel.current()
+        if dp is None:
+            return scores, weights
+        parts = [None] * dp.world_size
+        dist.all_gather_object(parts, (scores, weights))
+        if all(w is None for _, w in parts):
+            return np.concatenate([s for s, _ in parts]), None
+        weights = [np.ones(len(s)) if w is None else w for s, w in parts]
+        return np.concatenate([s for s, _ in parts]), np.concatenate(weights)
 
     def decision_function(self, X):
         """``score_samples(X) - offset_``: negative for outliers.

@@ -1,10 +1,21 @@
+import os
 import pickle
+import warnings
+from datetime import timedelta
 
 import numpy as np
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from sklearn.base import clone
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import roc_auc_score
 from sklearn.utils._param_validation import InvalidParameterError
 from sklearn.utils.estimator_checks import parametrize_with_checks
+
+# The two-process gloo launcher of the data-parallel tests.
+from test_distributed import _free_port, needs_gloo
 
 import skresflow
 import skresflow._outlier as outlier_module
@@ -24,7 +35,6 @@ EXPECTED_FAILURES = {
 
 def _expected_failures(estimator):
     return EXPECTED_FAILURES
-
 
 
 @parametrize_with_checks(
@@ -142,3 +152,54 @@ def test_non_finite_offset_is_loud(data, monkeypatch):
     )
     with pytest.raises(FloatingPointError, match="offset_ is (-inf|nan)"):
         det.fit(data)
+
+
+def _data_parallel_worker(rank, world_size, port, out):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120)
+    )
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 2))
+    X[:100] *= 3.0  # rank 0's rows are wider: its own quantile would be lower
+    rows = slice(0, 100) if rank == 0 else slice(100, 300)
+    weights = np.linspace(0.5, 1.5, 300)[rows]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        plain = ResidualFlowOutlierDetector(**SMALL, contamination=0.1, device="cpu")
+        weighted = clone(plain).fit(X[rows], sample_weight=weights)
+        plain.fit(X[rows])
+    result = {
+        "offset": plain.offset_,
+        "weighted_offset": weighted.offset_,
+        "scores": plain.score_samples(X),
+        "weighted_scores": weighted.score_samples(X),
+    }
+    with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+    dist.destroy_process_group()
+
+
+@needs_gloo
+def test_data_parallel_ranks_share_the_offset(tmp_path):
+    mp.spawn(
+        _data_parallel_worker,
+        args=(2, _free_port(), str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
+    ranks = []
+    for rank in range(2):
+        with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
+            ranks.append(pickle.load(f))
+    a, b = ranks
+    np.testing.assert_array_equal(a["scores"], b["scores"])  # the same model
+    assert a["offset"] == b["offset"]
+    assert a["weighted_offset"] == b["weighted_offset"]
+    # The quantile of all 300 training rows, not of either rank's own rows.
+    assert a["offset"] == pytest.approx(np.quantile(a["scores"], 0.1))
+    expected = outlier_module._weighted_quantile(
+        a["weighted_scores"], 0.1, np.linspace(0.5, 1.5, 300)
+    )
+    assert a["weighted_offset"] == pytest.approx(expected)
