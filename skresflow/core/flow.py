@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .blocks import ResidualBlock
+from .lipschitz import LipschitzConv2d, LipschitzLinear, refresh_layers
 
 __all__ = ["Flow", "LipschitzError"]
 
@@ -49,6 +50,10 @@ class Flow(nn.Module):
 
     def forward(self, x, generator=None):
         """Map data to latent: returns ``(z, logdet)`` with the summed log-det."""
+        # One batched refresh of the dense layers instead of one per layer (after
+        # an optimizer step every layer is stale). Convolutions refresh in their
+        # own forward: their norm depends on the input size they see there.
+        refresh_layers(m for m in self.modules() if isinstance(m, LipschitzLinear))
         logdet = x.new_zeros(x.shape[0])
         for layer in self.layers:
             x, ld = layer(x, generator)
@@ -100,9 +105,10 @@ class Flow(nn.Module):
         return self
 
     def refresh_lipschitz(self):
-        """Bring every stale power-iteration estimate back to tolerance."""
-        for block in self.blocks:
-            block.refresh_lipschitz()
+        """Bring every stale Lipschitz estimate back to tolerance (batched where
+        possible, see :func:`~skresflow.core.lipschitz.refresh_layers`)."""
+        kinds = LipschitzLinear | LipschitzConv2d
+        refresh_layers(m for m in self.modules() if isinstance(m, kinds))
 
     def lipschitz_bounds(self):
         """Certified ``Lip(g)`` upper bound of every residual block."""

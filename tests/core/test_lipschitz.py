@@ -42,7 +42,7 @@ def effective_weight(layer):
 def sigma_path(request, monkeypatch):
     """Run a dense-layer test with the exact SVD and with forced power iteration."""
     if request.param == "power":
-        monkeypatch.setattr(lipschitz, "SVD_MAX_COST", 0)
+        monkeypatch.setattr(lipschitz, "EXACT_MAX_COST", 0)
     return request.param
 
 
