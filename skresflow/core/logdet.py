@@ -3,9 +3,13 @@ r"""Log-determinant of ``I + J_g(x)`` for a contractive residual branch ``g``.
 One entry point, :func:`logdet_estimate`, with string options:
 
 ``estimator``
-    ``"exact"``: the full Jacobian, built batched (the batch is repeated once per
-    input dimension and one vector-Jacobian product gives every row), then
-    ``slogdet``. Exact; cost grows with the dimension.
+    ``"exact"``: the full Jacobian, then ``slogdet`` (closed form for one or two
+    dimensions). MLP branches get it in closed form from the forward pass, with
+    the determinant taken in the branch's narrowest layer
+    (:func:`~skresflow.core.jacobian.branch_logdet`); other branches in one
+    batched autograd pass (the batch is repeated once per input dimension and
+    one vector-Jacobian product gives every row). Exact; cost grows with the
+    dimension.
     ``"unbiased"``: ``n_exact_terms`` terms of the power series
     :math:`\sum_k (-1)^{k+1}\operatorname{tr}(J^k)/k` plus a Russian-roulette tail,
     traces by Hutchinson probes. Unbiased in expectation over the draws.
@@ -35,6 +39,8 @@ import math
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from .jacobian import branch_logdet, logabsdet_identity_plus
 
 __all__ = ["logdet_estimate", "residual_logdet", "row_hash", "ESTIMATORS", "GRAD_MODES"]
 
@@ -251,7 +257,15 @@ def _vjp(gx, x, u, create_graph):
 
 # ----------------------------------------------------------------------------- exact
 def _exact(g, x, create_graph):
-    """Full Jacobian in one batched pass: row k of J(x_i) is e_k^T J(x_i)."""
+    """``g(x)`` and ``log|det(I + J_g(x))|``.
+
+    MLP branches in closed form (:func:`branch_logdet`); any other branch by one
+    batched autograd pass: the batch is repeated once per input dimension and
+    row ``k`` of ``J(x_i)`` is ``e_k^T J(x_i)``.
+    """
+    closed_form = branch_logdet(g, x)
+    if closed_form is not None:
+        return closed_form
     b, event = x.shape[0], x.shape[1:]
     d = math.prod(event)
     x_rep = x.repeat_interleave(d, dim=0)
@@ -262,10 +276,7 @@ def _exact(g, x, create_graph):
     rows = torch.autograd.grad(
         gx_rep, x_rep, basis, create_graph=create_graph, retain_graph=True
     )[0]
-    jac = rows.reshape(b, d, d)
-    eye = torch.eye(d, dtype=x.dtype, device=x.device)
-    logdet = torch.linalg.slogdet(eye + jac).logabsdet
-    return gx_rep[::d], logdet
+    return gx_rep[::d], logabsdet_identity_plus(rows.reshape(b, d, d))
 
 
 # ---------------------------------------------------------------------------- series

@@ -67,8 +67,15 @@ class Trainer:
         self.module = module
         self.grad_sync = grad_sync
         self.params = [p for p in module.parameters() if p.requires_grad]
+        # One fused kernel for all parameters: on a CPU the per-tensor loop of
+        # plain Adam cost more than the forward pass of a small flow.
+        self._fused = all(p.device.type in ("cpu", "cuda") for p in self.params)
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay
+            self.params,
+            lr=lr,
+            betas=(0.9, 0.99),
+            weight_decay=weight_decay,
+            fused=self._fused or None,
         )
         self.lr, self.total_steps, self.warmup_steps = (
             lr,
@@ -110,7 +117,9 @@ class Trainer:
                 value = float("nan")  # some process had a non-finite loss
         if math.isfinite(value):
             norm = torch.nn.utils.clip_grad_norm_(
-                self.params, self.max_grad_norm or float("inf")
+                self.params,
+                self.max_grad_norm or float("inf"),
+                foreach=self._fused or None,
             )
             if torch.isfinite(norm):
                 for group in self.optimizer.param_groups:
