@@ -87,6 +87,17 @@ FLOWS = {
         max_iter="auto",
         n_iter_no_change="auto",
     ),
+    # The detector's defaults before it took ResidualFlowDensity's: 4 blocks of
+    # (64, 64), lr 3e-3, at most 100 epochs, patience 10 epochs.
+    "previous-defaults": dict(
+        n_bins=17,
+        n_blocks=4,
+        hidden_dims=(64, 64),
+        learning_rate=3e-3,
+        max_iter=100,
+        n_iter_no_change=10,
+    ),
+    # "auto" on the dequantised draw the sklearn detectors see (no n_bins).
     "auto-continuous": dict(
         n_blocks="auto",
         hidden_dims="auto",
@@ -279,6 +290,101 @@ def machine():
     }
 
 
+def load_results(path):
+    """``(runs, rows)`` of a results file; every row names its run (index)."""
+    if not Path(path).exists():
+        return [], []
+    data = json.loads(Path(path).read_text())
+    return data["runs"], data["rows"]
+
+
+def label(row):
+    if row["detector"] == "ResidualFlowOutlierDetector":
+        return f"ResidualFlow: {row['settings']}"
+    return row["detector"]
+
+
+def split_header(split):
+    inliers = "".join(str(c) for c in splits()[split])
+    tag = " (selection)" if split == SELECTION_SPLIT else ""
+    return split if split in ("0-4", "5-9") else f"{split} ({inliers}){tag}"
+
+
+def render(runs, rows):
+    names = [s for s in splits() if any(r["split"] == s for r in rows)]
+    confirm = [s for s in names if s != SELECTION_SPLIT]
+    auroc = {(label(r), r["split"]): r["auroc"] for r in rows}
+    detectors = list(dict.fromkeys(label(r) for r in rows))
+    best = {s: max(v for (d, t), v in auroc.items() if t == s) for s in names}
+    lines = []
+    for i, meta in enumerate(runs):
+        m = meta["machine"]
+        lines += [
+            f"Run {i + 1}: `{meta['command']}` on {meta['date']}: {m['nproc']} CPUs "
+            f"(`nproc`; {m['cpu']}), torch {m['torch']}, Python {m['python']}, "
+            f"{meta['threads']} torch/BLAS thread(s) per process, code at commit "
+            f"{m['commit']}; load average at start "
+            f"{', '.join(f'{v:.1f}' for v in m['load_average'])} (shared machine); "
+            f"{meta['seconds']:.0f} s.",
+            "",
+        ]
+    lines += [
+        "AUROC, held-out inliers against unseen classes (bold: best of the "
+        f"column). Choices were made on split {SELECTION_SPLIT} only; the mean is "
+        "over the other (confirmation) splits.",
+        "",
+        "| detector | "
+        + " | ".join(split_header(s) for s in names)
+        + " | mean of confirmation splits |",
+        "|---|" + "---:|" * (len(names) + 1),
+    ]
+    for d in detectors:
+        cells = []
+        for s in names:
+            v = auroc.get((d, s))
+            text = "-" if v is None else f"{v:.4f}"
+            cells.append(f"**{text}**" if v is not None and v == best[s] else text)
+        values = [auroc[(d, s)] for s in confirm if (d, s) in auroc]
+        mean = f"{np.mean(values):.4f}" if len(values) == len(confirm) else "-"
+        lines.append(f"| {d} | " + " | ".join(cells) + f" | {mean} |")
+    lines += [
+        "",
+        "Flow fits (epochs run, fit seconds, mean log-density of the training "
+        "images and of the held-out inliers), and the settings the sklearn "
+        "detectors tuned:",
+        "",
+        "| split | detector | epochs | fit s | train log p | held-out inlier log p |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "n_iter" in r:
+            lines.append(
+                f"| {r['split']} | {r['settings']} | {r['n_iter']} "
+                f"| {r['fit_s']:.0f} | {r['train_log_density']:.1f} "
+                f"| {r['held_out_inlier_log_density']:.1f} |"
+            )
+        elif "tuned" in r["settings"]:
+            lines.append(f"| {r['split']} | {r['detector']}: {r['settings']} | | | | |")
+    se = [r["auroc_se"] for r in rows]
+    lines += [
+        "",
+        f"Standard errors of single AUROCs (Hanley and McNeil): {min(se):.4f} to "
+        f"{max(se):.4f}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_page(runs, rows):
+    page = DOCS / "novelty.md"
+    text = page.read_text()
+    head, rest = text.split("<!-- BEGIN GENERATED -->")
+    _, tail = rest.split("<!-- END GENERATED -->")
+    block = render(runs, rows)
+    page.write_text(
+        f"{head}<!-- BEGIN GENERATED -->\n\n{block}\n<!-- END GENERATED -->{tail}"
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -287,8 +393,19 @@ def main():
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--splits", nargs="+", default=list(splits()))
     parser.add_argument("--flows", nargs="*", choices=list(FLOWS), default=list(FLOWS))
+    parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add this run's rows to the results file instead of replacing it",
+    )
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite the page from the results"
+    )
     parser.add_argument("--out", default=str(DOCS / "novelty_results.json"))
     args = parser.parse_args()
+    if args.render:
+        return write_page(*load_results(args.out))
     meta = {
         "command": "python benchmarks/bench_novelty.py "
         + " ".join(a for a in os.sys.argv[1:] if a not in ("--no-write",)).strip(),
@@ -304,7 +421,8 @@ def main():
     table = splits()
     # One task per flow fit and one for the sklearn detectors of each split.
     tasks = [(s, table[s], [f], False) for s in args.splits for f in args.flows]
-    tasks += [(s, table[s], [], True) for s in args.splits]
+    if not args.no_baselines:
+        tasks += [(s, table[s], [], True) for s in args.splits]
     tasks = [(*t, args.quick, args.threads) for t in tasks]
     with ProcessPoolExecutor(args.jobs) as pool:
         results = list(pool.map(run_split, *zip(*tasks, strict=True)))
@@ -313,10 +431,16 @@ def main():
     rows = sorted(
         (r for part in results for r in part), key=lambda r: order[r["split"]]
     )
+    runs, old_rows = load_results(args.out) if args.append else ([], [])
+    for row in rows:
+        row["run"] = len(runs)
+    runs, rows = runs + [meta], old_rows + rows
+    print(render(runs, rows))
     if not args.no_write:
         Path(args.out).write_text(
-            json.dumps({"meta": meta, "rows": rows}, indent=1, default=str) + "\n"
+            json.dumps({"runs": runs, "rows": rows}, indent=1, default=str) + "\n"
         )
+        write_page(runs, rows)
 
 
 if __name__ == "__main__":
