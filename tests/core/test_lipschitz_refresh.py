@@ -98,6 +98,35 @@ def test_gradient_vectors_after_many_small_steps():
         assert rayleigh(layer) >= (1 - layer.rtol) * layer.sigma.item()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1e-5, 1e-3, 3e-2, 1.0])
+def test_sigma_within_rtol_after_changes_of_any_size(dtype, scale):
+    layer = seeded_linear(32, 16, seed=8, dtype=dtype)
+    layer.refresh()
+    for seed in range(10):
+        with torch.no_grad():
+            step = randn(32, 16, seed=200 + seed, scale=scale, dtype=dtype)
+            layer.weight.add_(step)
+        layer.refresh()
+        exact = torch.linalg.matrix_norm(layer.weight.detach().double(), ord=2)
+        assert abs(layer.sigma.item() / exact.item() - 1) <= layer.rtol * (1 + 1e-4)
+        norm = spectral_norm_of(layer.normalized_weight())
+        assert norm <= layer.coeff / (1 - layer.rtol) * (1 + 1e-5)
+
+
+def spectral_norm_of(weight):
+    return torch.linalg.matrix_norm(weight.detach().double(), ord=2).item()
+
+
+def test_zero_weight_is_left_unchanged():
+    layer = seeded_linear(4, 3, seed=9)
+    with torch.no_grad():
+        layer.weight.zero_()
+    layer.refresh()
+    assert layer.sigma.item() == 0
+    assert torch.equal(layer.normalized_weight(), layer.weight)
+
+
 def test_stored_estimate_kept_when_within_rtol():
     layer = seeded_linear(6, 6, seed=3)
     layer.refresh()
