@@ -195,14 +195,28 @@ class BaseResidualFlow(BaseEstimator):
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None, sample_weight=None):
-        """One more epoch over ``X`` (the first call builds the model from ``X``)."""
+        """One more epoch over ``X`` (the first call builds the model from ``X``).
+
+        Successive calls continue one optimisation: the live weights, Adam's
+        moments, the weight average and the step count carry over (in memory and
+        through pickling, not through :meth:`save`), and the learning rate stays
+        at its peak after the warm-up instead of decaying within each call.
+        """
         return self._fit(
-            X, sample_weight, reset=not hasattr(self, "flow_"), n_epochs=1, warn=False
+            X,
+            sample_weight,
+            reset=not hasattr(self, "flow_"),
+            n_epochs=1,
+            warn=False,
+            incremental=True,
         )
 
-    def _fit(self, X, sample_weight, *, reset, n_epochs, warn, y=None):
+    def _fit(
+        self, X, sample_weight, *, reset, n_epochs, warn, y=None, incremental=False
+    ):
         """``y``: optional per-row targets (a tensor), batched with ``X`` and
-        passed to :meth:`_batch_loss` (and found in ``val[2]`` by ``_evaluate``)."""
+        passed to :meth:`_batch_loss` (and found in ``val[2]`` by ``_evaluate``).
+        ``incremental``: resume and keep the optimiser state (``partial_fit``)."""
         self._dp = DataParallel.current()  # None: one process (the usual case)
         if self._dp is not None and y is not None:
             raise NotImplementedError(
@@ -242,6 +256,10 @@ class BaseResidualFlow(BaseEstimator):
                 self._dp.broadcast_module(flow)
         else:
             flow = copy.deepcopy(self.flow_).float()
+        resume = getattr(self, "_incremental_state", None) if incremental else None
+        self._incremental_state = None  # only partial_fit after partial_fit resumes
+        if resume is not None:  # the live weights, not the averaged ones of flow_
+            flow.load_state_dict(resume["weights"])
         self._configure_for_training(flow)
         rows = (Xt, wt) if y is None else (Xt, wt, y)
         self._run_epochs(
@@ -250,6 +268,8 @@ class BaseResidualFlow(BaseEstimator):
             tuple(t[val] for t in rows),
             n_epochs,
             warn,
+            incremental=incremental,
+            resume=resume,
         )
         self._dp = None  # holds rows and generators: not part of the model
         return self
@@ -269,7 +289,7 @@ class BaseResidualFlow(BaseEstimator):
             return perm, perm[:0]
         return perm[n_val:], perm[:n_val]
 
-    def _run_epochs(self, flow, train, val, n_epochs, warn):
+    def _run_epochs(self, flow, train, val, n_epochs, warn, incremental, resume):
         n_train = train[0].shape[0]
         batch_size = min(self.batch_size, n_train)
         steps_per_epoch = -(-n_train // batch_size)
@@ -287,11 +307,18 @@ class BaseResidualFlow(BaseEstimator):
         trainer = Trainer(
             flow,
             lr=self._learning_rate(),
-            total_steps=n_epochs * steps_per_epoch,
-            warmup_steps=min(500, steps_per_epoch * max(n_epochs // 10, 1)),
+            # partial_fit: open-ended, warm-up over a tenth of the auto budget
+            total_steps=None if incremental else n_epochs * steps_per_epoch,
+            warmup_steps=(
+                AUTO_STEPS // 10
+                if incremental
+                else min(500, steps_per_epoch * max(n_epochs // 10, 1))
+            ),
             weight_decay=self.weight_decay,
             grad_sync=None if self._dp is None else self._dp.sync_gradients,
         )
+        if resume is not None:
+            trainer.load_state_dict(resume["trainer"])
         monitor = _EarlyStopping(patience, self.tol, start=self.n_iter_)
         # Validation costs about as much as several training steps: with short
         # epochs (small data) it runs every few epochs, and after the last one.
@@ -347,6 +374,14 @@ class BaseResidualFlow(BaseEstimator):
                 ) from None
         rows = train[0] if self._dp is None else self._dp.rows[0]
         self.flow_ = self._finite_scorer(flow, monitor, rows)
+        if incremental:
+            weights = {
+                k: v.detach().cpu().clone() for k, v in flow.state_dict().items()
+            }
+            self._incremental_state = {
+                "weights": weights,
+                "trainer": trainer.state_dict(),
+            }
         if self._dp is not None:  # bit-identical models, even across unlike hardware
             self._dp.broadcast_module(self.flow_)
         if warn and not stopped_early and patience is not None:

@@ -232,9 +232,21 @@ scoring_estimator_
         reset = not hasattr(self, "flow_")
         if reset and classes is not None:
             self.classes_ = np.unique(np.asarray(classes))
-        return self._fit_labelled(X, y, sample_weight, reset, 1, False, classes)
+        return self._fit_labelled(
+            X, y, sample_weight, reset, 1, False, classes, incremental=True
+        )
 
-    def _fit_labelled(self, X, y, sample_weight, reset, n_epochs, warn, classes=None):
+    def _fit_labelled(
+        self,
+        X,
+        y,
+        sample_weight,
+        reset,
+        n_epochs,
+        warn,
+        classes=None,
+        incremental=False,
+    ):
         X, y = validate_data(
             self, X, y, reset=reset, dtype=[np.float64, np.float32], allow_nd=True
         )
@@ -250,6 +262,7 @@ scoring_estimator_
             n_epochs=n_epochs,
             warn=warn,
             y=torch.as_tensor(codes, dtype=torch.int64),
+            incremental=incremental,
         )
 
     def _encode(self, y, *, reset):

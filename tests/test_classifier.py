@@ -217,6 +217,8 @@ def image_clf(images):
         n_fc_blocks=1,
         hidden_dims=(8,),
         max_iter=15,
+        # 60 steps: accuracy 1.0 for random_state 0-4 (batch 64: 0.42-0.91)
+        batch_size=16,
         random_state=0,
     )
     return ResidualFlowClassifier(**params).fit(*images)

@@ -23,9 +23,10 @@ class Trainer:
     module : torch.nn.Module
     lr : float
         Peak learning rate of Adam (betas 0.9, 0.99 as in the reference code).
-    total_steps : int
+    total_steps : int or None
         Planned number of steps; the learning rate decays along a half cosine to
-        ``final_lr_fraction * lr`` at that step.
+        ``final_lr_fraction * lr`` at that step. None: no decay (open-ended
+        training, e.g. ``partial_fit``).
     warmup_steps : int, default=0
         Linear warm-up from ``lr / warmup_steps``.
     max_grad_norm : float or None, default=1.0
@@ -77,11 +78,8 @@ class Trainer:
             weight_decay=weight_decay,
             fused=self._fused or None,
         )
-        self.lr, self.total_steps, self.warmup_steps = (
-            lr,
-            max(total_steps, 1),
-            warmup_steps,
-        )
+        self.lr, self.warmup_steps = lr, warmup_steps
+        self.total_steps = None if total_steps is None else max(total_steps, 1)
         self.final_lr_fraction = final_lr_fraction
         self.max_grad_norm, self.ema_decay, self.max_bad_steps = (
             max_grad_norm,
@@ -96,6 +94,8 @@ class Trainer:
     def learning_rate(self):
         t = self.n_steps
         warm = min(1.0, (t + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        if self.total_steps is None:
+            return self.lr * self.lr_scale * warm
         progress = min(1.0, t / self.total_steps)
         f = self.final_lr_fraction
         cosine = f + (1 - f) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -149,6 +149,26 @@ class Trainer:
         with torch.no_grad():
             torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - decay)
 
+    def state_dict(self):
+        """Optimiser moments, EMA weights and step count (CPU copies), to resume
+        training with :meth:`load_state_dict` on a trainer of the same module."""
+        optimizer = self.optimizer.state_dict()
+        return {
+            "optimizer": _to_cpu(optimizer),
+            "ema": None if self.ema is None else [e.cpu().clone() for e in self.ema],
+            "n_steps": self.n_steps,
+            "lr_scale": self.lr_scale,
+        }
+
+    def load_state_dict(self, state):
+        """Resume from :meth:`state_dict` (the module's weights are set apart)."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None and state["ema"] is not None:
+            with torch.no_grad():
+                for e, saved in zip(self.ema, state["ema"], strict=True):
+                    e.copy_(saved)
+        self.n_steps, self.lr_scale = state["n_steps"], state["lr_scale"]
+
     def averaged_state(self):
         """The module's state dict with the EMA weights in place of the live ones."""
         state = {k: v.clone() for k, v in self.module.state_dict().items()}
@@ -157,3 +177,14 @@ class Trainer:
             for p, e in zip(self.params, self.ema, strict=True):
                 state[names[id(p)]] = e.clone()
         return state
+
+
+def _to_cpu(obj):
+    """Deep copy of a (nested) optimiser state with every tensor on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
