@@ -218,12 +218,6 @@ class BaseResidualFlow(BaseEstimator):
         passed to :meth:`_batch_loss` (and found in ``val[2]`` by ``_evaluate``).
         ``incremental``: resume and keep the optimiser state (``partial_fit``)."""
         self._dp = DataParallel.current()  # None: one process (the usual case)
-        if self._dp is not None and y is not None:
-            raise NotImplementedError(
-                f"{type(self).__name__} cannot train data-parallel yet (only "
-                "ResidualFlowDensity can); call fit outside the torch.distributed "
-                "process group."
-            )
         X = self._validate_X(X, reset=reset)
         sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
         if self.n_bins is None:

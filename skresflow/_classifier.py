@@ -11,6 +11,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._base import BaseResidualFlow
 from ._density import ResidualFlowDensity
+from ._distributed import DataParallel
 from .core import dequantize
 from .core.heads import (
     HybridFlow,
@@ -270,6 +271,9 @@ scoring_estimator_
         unlabelled = _is_unlabelled(y, self.unlabeled_label)
         if reset:
             self.classes_ = np.unique(y[~unlabelled])
+            dp = DataParallel.current()
+            if dp is not None:  # the classes of every rank's rows, on every rank
+                self.classes_ = dp.union(self.classes_)
             if len(self.classes_) < 2:
                 found = ", ".join(map(repr, self.classes_.tolist())) or "none"
                 raise ValueError(

@@ -134,6 +134,12 @@ class DataParallel:
         """Sum over ranks, in rank order, so every rank gets the same bits."""
         return [float(v) for v in self.gather(values).sum(0)]
 
+    def union(self, values):
+        """Sorted unique values (any dtype numpy can sort) over all ranks."""
+        parts = [None] * self.world_size
+        dist.all_gather_object(parts, np.asarray(values))
+        return np.unique(np.concatenate(parts))
+
     def any(self, flag):
         return bool(self.gather([float(bool(flag))]).max())
 

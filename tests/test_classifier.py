@@ -1,15 +1,23 @@
+import os
 import pickle
 import warnings
+from datetime import timedelta
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from sklearn.datasets import make_blobs
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import InvalidParameterError
 from sklearn.utils.estimator_checks import (
     check_classifiers_classes,
     parametrize_with_checks,
 )
+
+# The two-process gloo launcher of the data-parallel tests.
+from test_distributed import _free_port, needs_gloo
 
 import skresflow
 from skresflow import ResidualFlowClassifier
@@ -303,3 +311,45 @@ def test_hybrid_flow_density_matches_the_flow():
     torch.testing.assert_close(
         flow.class_log_prob(x).exp().sum(1), torch.ones(7, dtype=torch.float64)
     )
+
+
+def _data_parallel_worker(rank, world_size, port, out):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120)
+    )
+    X, y = make_blobs(600, centers=3, n_features=2, random_state=0)
+    labels = np.array(["a", "b", "c"])[y]
+    # Rank 0 never sees class "c", rank 1 never sees "a".
+    mine = (y < 2) if rank == 0 else (y > 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf = ResidualFlowClassifier(**SMALL, device="cpu").fit(X[mine], labels[mine])
+    result = {
+        "classes": clf.classes_,
+        "state": clf.flow_.state_dict(),
+        "proba": clf.predict_proba(X),
+        "accuracy": clf.score(X, labels),
+    }
+    with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+    dist.destroy_process_group()
+
+
+@needs_gloo
+def test_data_parallel_fit(tmp_path):
+    mp.spawn(
+        _data_parallel_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
+        join=True,
+    )
+    ranks = []
+    for rank in range(2):
+        with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
+            ranks.append(pickle.load(f))
+    a, b = ranks
+    assert a["classes"].tolist() == b["classes"].tolist() == ["a", "b", "c"]
+    for key in a["state"]:
+        assert torch.equal(a["state"][key], b["state"][key]), key
+    np.testing.assert_array_equal(a["proba"], b["proba"])
+    assert a["accuracy"] > 0.9  # every class learnt from the rank that had it
