@@ -44,12 +44,22 @@ def test_sklearn_compatible_small(estimator, check):
     check(estimator)
 
 
+# The default architecture with a short training run: a fully default fit runs
+# at least about 550 optimiser steps (max_iter="auto" with early stopping), over
+# a minute per fit on a shared CPU core, and the checks fit it many times.
 @pytest.mark.slow
 @parametrize_with_checks(
-    [ResidualFlowOutlierDetector()], expected_failed_checks=_expected_failures
+    [ResidualFlowOutlierDetector(max_iter=20)],
+    expected_failed_checks=_expected_failures,
 )
 def test_sklearn_compatible_defaults(estimator, check):
     check(estimator)
+
+
+def test_defaults_are_those_of_residual_flow_density():
+    detector = ResidualFlowOutlierDetector().get_params()
+    assert detector.pop("contamination") == "auto"
+    assert detector == ResidualFlowDensity().get_params()
 
 
 @pytest.fixture(scope="module")
