@@ -172,3 +172,10 @@ def test_actnorm_is_initialised_on_dequantised_data(image):
         # 0.10 - 0.43 in log-scale).
         assert (actnorm.log_scale + std.log()).abs().mean() < 0.06
         assert ((actnorm.bias + flat.mean(1)).abs() / std).mean() < 0.06
+
+
+def test_auto_max_iter_uses_the_image_step_budget(digits, monkeypatch):
+    monkeypatch.setattr("skresflow._density.IMAGE_AUTO_STEPS", 7)
+    params = {**TINY, "max_iter": "auto", "batch_size": 10, "validation_fraction": 0}
+    est = ResidualFlowDensity(n_bins=17, **params).fit(digits[:30])
+    assert est.n_iter_ == 3  # ceil(7 / 3 steps per epoch)
