@@ -103,7 +103,7 @@ FLOWS = [
         "name": "resflow-conv-defaults",
         "kind": "conv",
         "params": {},
-        "note": "package defaults (hidden_channels=16, 2 blocks/scale, 3 scales, "
+        "note": "package defaults (hidden_channels=32, 2 blocks/scale, 3 scales, "
         "2 FC blocks of (128, 128), learning_rate='auto' = 3e-3, batch 256, "
         "max_iter='auto' = 600 steps, validation_fraction=0.1, validation "
         "every ~50 steps, early stopping)",

@@ -27,10 +27,10 @@ SCORING_EXACT_TERMS = 20  # series terms when scoring with the unbiased estimato
 # low-dimensional data most, where the exact log-det keeps 16 blocks cheap.
 AUTO_BLOCKS = {"low_dim": 16, "tabular": 8, "image": 2}
 AUTO_HIDDEN_DIMS = {"tabular": (32, 32), "image": (128, 128)}
-# Images (docs/benchmarks/digits.md): 2 conv blocks per scale of 16 hidden
-# channels and 600 optimiser steps for max_iter="auto" beat a tuned
-# GaussianMixture on digits in a few CPU minutes; the tabular budget (2,000 steps
-# of 256 rows) costs several times that for a conv flow.
+# Images (docs/benchmarks/digits.md): 2 conv blocks per scale and 600 optimiser
+# steps for max_iter="auto" beat a tuned GaussianMixture on digits in a few CPU
+# minutes; the tabular budget (2,000 steps of 256 rows) costs several times that
+# for a conv flow.
 IMAGE_AUTO_STEPS = 600
 
 
@@ -57,7 +57,7 @@ class ResidualFlowDensity(DensityMixin, TransformerMixin, BaseResidualFlow):
         Hidden widths of each block's MLP branch (for images: of the fully
         connected blocks at the end). "auto": (32, 32) for tabular data,
         (128, 128) for images.
-    hidden_channels : int, default=16
+    hidden_channels : int, default=32
         Hidden channels of the convolutional branches (images only; the paper
         uses 512 on GPUs).
     n_fc_blocks : int, default=2
@@ -166,7 +166,7 @@ default="memory_efficient"
         *,
         n_blocks="auto",
         hidden_dims="auto",
-        hidden_channels=16,
+        hidden_channels=32,
         n_fc_blocks=2,
         n_bins=None,
         image_shape=None,
