@@ -4,14 +4,14 @@ Each layer divides its weight by ``max(1, sigma / coeff)`` where ``sigma`` is th
 operator norm of the weight: for small dense weights a value certified to be
 within ``rtol`` of the exact norm (a Cholesky factorisation checks the stored or
 the Rayleigh-quotient value; an eigendecomposition when it fails), power
-iteration otherwise. The estimate is kept fresh
-automatically: whenever the weight has changed since the last estimate (an
-optimizer step, ``load_state_dict``, a device or dtype move, an in-place edit),
-the next forward pass recomputes it (power iteration is warm-started from the
-stored vectors and runs until ``sigma`` and its singular vector settle to
-``rtol``). :func:`refresh_layers` refreshes many layers at once and batches the
-exact computations of equal-shape dense layers (a :class:`~skresflow.core.Flow`
-does this once per forward pass).
+iteration otherwise. The estimate is kept fresh automatically: whenever the
+weight has changed since the last estimate (an optimizer step,
+``load_state_dict``, a device or dtype move, an in-place edit), the next forward
+pass recomputes it (power iteration is warm-started from the stored vectors and
+runs until ``sigma`` and its singular vector settle to ``rtol``).
+:func:`refresh_layers` refreshes many layers at once and batches the dense
+computations of equal-shape layers (a :class:`~skresflow.core.Flow` does this
+once per forward pass).
 """
 
 import torch
