@@ -23,8 +23,12 @@ def linear_with_spectrum(n_out, n_in, top, seed, coeff=COEFF):
     rank = min(n_in, n_out)
     q_out = torch.linalg.qr(randn(n_out, n_out, seed=seed)).Q[:, :rank]
     q_in = torch.linalg.qr(randn(n_in, n_in, seed=seed + 1)).Q[:, :rank]
-    s = torch.cat([torch.tensor([top], dtype=DTYPE),
-                   torch.linspace(top / 2, top / 10, rank - 1, dtype=DTYPE)])
+    s = torch.cat(
+        [
+            torch.tensor([top], dtype=DTYPE),
+            torch.linspace(top / 2, top / 10, rank - 1, dtype=DTYPE),
+        ]
+    )
     with torch.no_grad():
         layer.weight.copy_(q_out @ torch.diag(s) @ q_in.t())
         layer.bias.copy_(randn(n_out, seed=seed + 2))  # not torch's global generator
@@ -50,8 +54,9 @@ def test_small_linear_sigma_is_exact_and_large_uses_power_iteration():
     small = LipschitzLinear(64, 32).to(DTYPE)
     small(torch.zeros(1, 64, dtype=DTYPE))
     assert small.last_power_iter == 0
-    torch.testing.assert_close(small.sigma.item(), spectral_norm(small.weight),
-                               rtol=1e-14, atol=0)
+    torch.testing.assert_close(
+        small.sigma.item(), spectral_norm(small.weight), rtol=1e-14, atol=0
+    )
     large = LipschitzLinear(256, 256).to(DTYPE)
     large(torch.zeros(1, 256, dtype=DTYPE))
     assert large.last_power_iter > 1
@@ -113,8 +118,11 @@ def test_power_iteration_accurate_for_random_weights(kind):
         with torch.no_grad():
             layer.weight.copy_(randn(*shape, seed=seed))
         layer(x)
-        exact = (spectral_norm(layer.weight) if kind == "linear"
-                 else spectral_norm(conv_operator(layer.weight, (2, 5, 5))))
+        exact = (
+            spectral_norm(layer.weight)
+            if kind == "linear"
+            else spectral_norm(conv_operator(layer.weight, (2, 5, 5)))
+        )
         errors.append(1 - layer.sigma.item() / exact)
     assert max(errors) <= 1e-2
 
@@ -132,11 +140,14 @@ def grow_weight_with_adam(layer, n_steps, **adam_options):
 
 @pytest.mark.usefixtures("sigma_path")
 @pytest.mark.usefixtures("sigma_path")
-@pytest.mark.parametrize("adam_options", [
-    pytest.param({"foreach": False}, id="for-loop"),
-    pytest.param({"foreach": True}, id="foreach"),
-    pytest.param({"fused": True}, id="fused"),
-])
+@pytest.mark.parametrize(
+    "adam_options",
+    [
+        pytest.param({"foreach": False}, id="for-loop"),
+        pytest.param({"foreach": True}, id="foreach"),
+        pytest.param({"fused": True}, id="fused"),
+    ],
+)
 def test_linear_bound_holds_after_every_optimizer_step(adam_options):
     layer = linear_with_spectrum(6, 6, top=3.0, seed=2)
     layer(torch.zeros(1, 6, dtype=DTYPE))
@@ -172,8 +183,9 @@ def test_linear_refreshes_after_double():
     weight = effective_weight(layer)
     assert weight.dtype == torch.float64 and layer.sigma.dtype == torch.float64
     assert spectral_norm(weight) <= COEFF * (1 + 1e-2)  # this weight has a gap
-    torch.testing.assert_close(layer.sigma, torch.tensor(3.0, dtype=DTYPE), rtol=1e-2,
-                               atol=0)
+    torch.testing.assert_close(
+        layer.sigma, torch.tensor(3.0, dtype=DTYPE), rtol=1e-2, atol=0
+    )
 
 
 @pytest.mark.usefixtures("sigma_path")
@@ -212,8 +224,13 @@ def seeded_conv(c_in, c_out, k, seed, coeff=COEFF):
     return layer
 
 
-CONV_CASES = [(2, 3, 3, (5, 5), 0), (2, 3, 3, (5, 5), 1), (2, 2, 3, (4, 6), 2),
-              (3, 2, 5, (6, 5), 1), (2, 3, 1, (4, 4), 0)]
+CONV_CASES = [
+    (2, 3, 3, (5, 5), 0),
+    (2, 3, 3, (5, 5), 1),
+    (2, 2, 3, (4, 6), 2),
+    (3, 2, 5, (6, 5), 1),
+    (2, 3, 1, (4, 4), 0),
+]
 
 
 @pytest.mark.parametrize("c_in, c_out, k, spatial, seed", CONV_CASES)
@@ -250,8 +267,9 @@ def rayleigh_norm(layer, spatial, n_iter=2000):
     w = layer.normalized_weight().detach()
     v = randn(1, layer.in_channels, *spatial, seed=0)
     for _ in range(n_iter):
-        v = F.conv_transpose2d(F.conv2d(v, w, padding=layer.padding), w,
-                               padding=layer.padding)
+        v = F.conv_transpose2d(
+            F.conv2d(v, w, padding=layer.padding), w, padding=layer.padding
+        )
         v = v / v.norm()
     return F.conv2d(v, w, padding=layer.padding).norm().item()
 
