@@ -189,3 +189,18 @@ def _forward_layer_by_layer(flow, x):
         x, ld = layer(x)
         logdet = logdet + ld
     return x, logdet
+
+
+def test_training_forward_survives_a_refresh_before_backward():
+    layer = seeded_linear(4, 4, seed=15)
+    x = randn(3, 4, seed=16)
+    loss = layer(x).sum()  # saves the vectors for the backward pass
+    u_before, v_before = layer._u.clone(), layer._v.clone()
+    with torch.no_grad():
+        layer._u.copy_(randn(4, seed=17))  # an in-place change of the buffers
+    loss.backward()
+    fresh = seeded_linear(4, 4, seed=15)
+    fresh._u.copy_(u_before), fresh._v.copy_(v_before)
+    fresh.refresh()
+    fresh(x).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, fresh.weight.grad)
