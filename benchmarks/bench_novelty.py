@@ -218,8 +218,8 @@ def auroc_se(auroc, n_pos, n_neg):
     return float(np.sqrt(var))
 
 
-def flow_detector(name, train, test, Ytr, Yte, quick):
-    params = {**FLOWS[name], "random_state": 0}
+def flow_detector(name, train, test, Ytr, Yte, quick, seed=0):
+    params = {**FLOWS[name], "random_state": seed}
     if quick:
         params.update(max_iter=3)
     continuous = "n_bins" not in params
@@ -233,7 +233,7 @@ def flow_detector(name, train, test, Ytr, Yte, quick):
     return det, det.score_samples(score_X), seconds, info
 
 
-def run_split(split, inliers, flows, baselines, quick, threads):
+def run_split(split, inliers, flows, baselines, quick, threads, seed=0):
     """Rows of the ``flows`` detectors (and of the sklearn ones if ``baselines``)."""
     torch.set_num_threads(threads)
     train, test, is_inlier = split_data(inliers, quick)
@@ -260,15 +260,16 @@ def run_split(split, inliers, flows, baselines, quick, threads):
         warnings.simplefilter("ignore", category=UserWarning)
         for name in flows:
             det, scores, seconds, info = flow_detector(
-                name, train, test, Ytr, Yte, quick
+                name, train, test, Ytr, Yte, quick, seed
             )
             info["held_out_inlier_log_density"] = float(scores[is_inlier].mean())
-            record("ResidualFlowOutlierDetector", name, scores, seconds, **info)
+            tag = name if seed == 0 else f"{name} (random_state={seed})"
+            record("ResidualFlowOutlierDetector", tag, scores, seconds, **info)
             if "n_bins" in FLOWS[name]:  # the alternative score, benchmark only
                 ratio = scores - pixel_background(train, test)
                 record(
                     "ResidualFlowOutlierDetector",
-                    f"{name}, log p(x) - log p_pixels(x)",
+                    f"{tag}, log p(x) - log p_pixels(x)",
                     ratio,
                     seconds,
                 )
@@ -414,6 +415,9 @@ def main():
     parser.add_argument("--flows", nargs="*", choices=list(FLOWS), default=list(FLOWS))
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument(
+        "--random-state", type=int, default=0, help="seed of the flow fits"
+    )
+    parser.add_argument(
         "--append",
         action="store_true",
         help="add this run's rows to the results file instead of replacing it",
@@ -435,6 +439,7 @@ def main():
         "threads": args.threads,
         "selection_split": SELECTION_SPLIT,
         "flows": {k: FLOWS[k] for k in args.flows},
+        "random_state": args.random_state,
     }
     t0 = time.perf_counter()
     table = splits()
@@ -442,7 +447,7 @@ def main():
     tasks = [(s, table[s], [f], False) for s in args.splits for f in args.flows]
     if not args.no_baselines:
         tasks += [(s, table[s], [], True) for s in args.splits]
-    tasks = [(*t, args.quick, args.threads) for t in tasks]
+    tasks = [(*t, args.quick, args.threads, args.random_state) for t in tasks]
     with ProcessPoolExecutor(args.jobs) as pool:
         results = list(pool.map(run_split, *zip(*tasks, strict=True)))
     meta["seconds"] = time.perf_counter() - t0
