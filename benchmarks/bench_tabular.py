@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Held-out log-likelihood of ResidualFlowDensity vs tuned GaussianMixture and KernelDensity.
+"""Held-out log-likelihood of ResidualFlowDensity vs tuned GaussianMixture and KDE.
 
 Data
 ----
@@ -22,13 +22,9 @@ Data
 
 Models
 ------
-* ``ResidualFlowDensity`` at the parameters in ``FLOW_PARAMS`` (see
-  ``docs/benchmarks/tabular_defaults.md`` for how they were chosen). The
-  epoch count is derived from a *step budget* (``--steps``), which emulates the
-  step-based default recommended there: ``max_iter = ceil(steps /
-  steps_per_epoch)`` and ``n_iter_no_change = ceil(patience_steps /
-  steps_per_epoch)``. Pass ``--package-defaults`` to fit with the package's
-  current defaults instead (nothing passed).
+* ``ResidualFlowDensity`` with the package defaults (nothing passed but
+  ``random_state``); ``--flow-params '{"n_blocks": 8}'`` overrides some. See
+  ``docs/benchmarks/tabular_defaults.md`` for how the defaults were chosen.
 * ``GaussianMixture`` tuned on a validation split (20 % of the training rows):
   every ``covariance_type`` x ``n_components`` in 1..50 x ``reg_covar`` in
   {1e-6, 1e-3, 1e-1}; the best setting is refitted on all training rows.
@@ -40,7 +36,9 @@ Models
 
 Reported: held-out mean log-likelihood (nats per row, higher is better), fit
 time (for GMM / KDE: refit time, and the tuning time separately), the time to
-draw 1,000 samples, and a figure of the 2-D densities.
+draw 1,000 samples, a fit of 20,000 x 2 rows (time budget), and a figure of the
+2-D densities. Written to ``docs/benchmarks/tabular.md`` (generated block),
+``tabular_results.json`` and ``tabular_densities.png``.
 
 Usage::
 
@@ -49,7 +47,6 @@ Usage::
 """
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -62,12 +59,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
 from sklearn import datasets as skdatasets
 from sklearn.mixture import GaussianMixture
 from sklearn.model_selection import train_test_split
 from sklearn.neighbors import KernelDensity
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from skresflow import ResidualFlowDensity
 from skresflow.datasets import TOY_DATASETS, make_toy
@@ -77,12 +74,10 @@ DOCS = ROOT / "docs" / "benchmarks"
 REAL_DATASETS = ("iris", "wine", "breast_cancer", "diabetes", "digits")
 ALL_DATASETS = TOY_DATASETS + REAL_DATASETS
 
-# Recommended defaults (docs/benchmarks/tabular_defaults.md). Those that differ
-# from the package's current defaults are passed explicitly.
-FLOW_PARAMS = dict(n_blocks=8, hidden_dims=(32, 32), lipschitz_coeff=0.97,
-                   learning_rate=5e-3, batch_size=256)
-STEPS = 3000            # optimiser steps (emulated through max_iter)
-PATIENCE_STEPS = 1000   # early-stopping patience in steps (through n_iter_no_change)
+# Step budget emulated through max_iter by ``step_budget_params`` (used by
+# tune_tabular_defaults.py, which compares settings at a fixed number of steps).
+STEPS = 3000
+PATIENCE_STEPS = 1000
 
 GMM_COMPONENTS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50)
 GMM_COVARIANCES = ("full", "diag", "tied", "spherical")
@@ -106,13 +101,22 @@ def dequantise(X, seed=0):
 def load_dataset(name):
     """Return ``(X_train, X_test, note)``."""
     if name in TOY_DATASETS:
-        return (make_toy(name, 4000, random_state=0), make_toy(name, 4000, random_state=1),
-                "make_toy, 4000 train (rs 0) / 4000 test (rs 1)")
+        return (
+            make_toy(name, 4000, random_state=0),
+            make_toy(name, 4000, random_state=1),
+            "make_toy, 4000 train (rs 0) / 4000 test (rs 1)",
+        )
     X = getattr(skdatasets, f"load_{name}")().data
     Xd, res = dequantise(X)
     Xtr, Xte = train_test_split(Xd, test_size=0.25, random_state=0)
-    return Xtr, Xte, (f"sklearn load_{name}, dequantised at resolution "
-                      f"{np.unique(np.round(res, 8)).tolist()[:4]}..., 75/25 split")
+    return (
+        Xtr,
+        Xte,
+        (
+            f"sklearn load_{name}, dequantised at resolution "
+            f"{np.unique(np.round(res, 8)).tolist()[:4]}..., 75/25 split"
+        ),
+    )
 
 
 # ---------------------------------------------------------------------- baselines
@@ -153,14 +157,17 @@ def tune_gmm(X):
                 try:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
-                        gm = GaussianMixture(k, covariance_type=cov, reg_covar=reg,
-                                             random_state=0).fit(Z[fit_idx])
+                        gm = GaussianMixture(
+                            k, covariance_type=cov, reg_covar=reg, random_state=0
+                        ).fit(Z[fit_idx])
                     score = gm.score(Z[val_idx])
                 except (ValueError, np.linalg.LinAlgError):
                     continue
                 if np.isfinite(score) and score > best:
-                    best, best_params = score, dict(n_components=k, covariance_type=cov,
-                                                    reg_covar=reg)
+                    best, best_params = (
+                        score,
+                        dict(n_components=k, covariance_type=cov, reg_covar=reg),
+                    )
     tune_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     with warnings.catch_warnings():
@@ -176,8 +183,10 @@ def tune_kde(X):
     Z = scaler.transform(X)
     fit_idx, val_idx = _val_split(Z)
     t0 = time.perf_counter()
-    scores = [KernelDensity(bandwidth=h).fit(Z[fit_idx]).score_samples(Z[val_idx]).mean()
-              for h in KDE_BANDWIDTHS]
+    scores = [
+        KernelDensity(bandwidth=h).fit(Z[fit_idx]).score_samples(Z[val_idx]).mean()
+        for h in KDE_BANDWIDTHS
+    ]
     h = float(KDE_BANDWIDTHS[int(np.nanargmax(scores))])
     tune_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -187,8 +196,14 @@ def tune_kde(X):
 
 
 # --------------------------------------------------------------------------- flow
-def step_budget_params(n_samples, *, steps=STEPS, patience_steps=PATIENCE_STEPS,
-                       batch_size=256, validation_fraction=0.1):
+def step_budget_params(
+    n_samples,
+    *,
+    steps=STEPS,
+    patience_steps=PATIENCE_STEPS,
+    batch_size=256,
+    validation_fraction=0.1,
+):
     """``max_iter`` / ``n_iter_no_change`` that give ``steps`` optimiser steps.
 
     Mirrors ``BaseResidualFlow._split`` / ``_run_epochs``: the training part of
@@ -198,8 +213,11 @@ def step_budget_params(n_samples, *, steps=STEPS, patience_steps=PATIENCE_STEPS,
     n_train = n_samples - n_val if n_val >= 2 and n_samples - n_val >= 2 else n_samples
     per_epoch = -(-n_train // min(batch_size, n_train))
     out = dict(max_iter=max(1, math.ceil(steps / per_epoch)))
-    out["n_iter_no_change"] = (None if patience_steps is None
-                               else max(1, math.ceil(patience_steps / per_epoch)))
+    out["n_iter_no_change"] = (
+        None
+        if patience_steps is None
+        else max(1, math.ceil(patience_steps / per_epoch))
+    )
     return out, per_epoch
 
 
@@ -224,13 +242,15 @@ def time_sampling(model, n=1000):
 # ------------------------------------------------------------------------- figure
 def density_figure(fitted, path, n_grid=200):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [n for n in TOY_DATASETS if n in fitted]
     rows = ("data", "ResidualFlow", "GMM", "KDE")
-    fig, axes = plt.subplots(len(rows), len(names), figsize=(2.4 * len(names), 9.6),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), len(names), figsize=(2.4 * len(names), 9.6), squeeze=False
+    )
     for j, name in enumerate(names):
         Xte = fitted[name]["X_test"]
         lo, hi = np.percentile(Xte, 0.5, 0) - 0.5, np.percentile(Xte, 99.5, 0) + 0.5
@@ -239,20 +259,33 @@ def density_figure(fitted, path, n_grid=200):
         for i, row in enumerate(rows):
             ax = axes[i, j]
             if row == "data":
-                ax.hist2d(Xte[:, 0], Xte[:, 1], bins=100, range=[[lo[0], hi[0]],
-                                                                 [lo[1], hi[1]]],
-                          cmap="viridis")
+                ax.hist2d(
+                    Xte[:, 0],
+                    Xte[:, 1],
+                    bins=100,
+                    range=[[lo[0], hi[0]], [lo[1], hi[1]]],
+                    cmap="viridis",
+                )
             else:
-                dens = np.exp(fitted[name][row].score_samples(G)).reshape(n_grid, n_grid)
-                ax.imshow(dens, origin="lower", extent=(lo[0], hi[0], lo[1], hi[1]),
-                          cmap="viridis", aspect="auto")
+                dens = np.exp(fitted[name][row].score_samples(G)).reshape(
+                    n_grid, n_grid
+                )
+                ax.imshow(
+                    dens,
+                    origin="lower",
+                    extent=(lo[0], hi[0], lo[1], hi[1]),
+                    cmap="viridis",
+                    aspect="auto",
+                )
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(name)
             if j == 0:
                 ax.set_ylabel(row)
-    fig.suptitle("exp(log-density) on a grid; top row: histogram of the 4,000 test rows")
+    fig.suptitle(
+        "exp(log-density) on a grid; top row: histogram of the 4,000 test rows"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -272,98 +305,182 @@ def machine_info():
         load = os.getloadavg()
     except OSError:
         load = None
-    return dict(nproc=os.cpu_count(), cpu=model, torch=torch.__version__,
-                python=platform.python_version(), threads=torch.get_num_threads(),
-                date=subprocess.run(["date"], capture_output=True, text=True).stdout.strip(),
-                loadavg=load)
+    return dict(
+        nproc=os.cpu_count(),
+        cpu=model,
+        torch=torch.__version__,
+        python=platform.python_version(),
+        threads=torch.get_num_threads(),
+        date=subprocess.run(["date"], capture_output=True, text=True).stdout.strip(),
+        loadavg=load,
+    )
+
+
+def markdown(info, results, timing):
+    """The generated block of docs/benchmarks/tabular.md."""
+    lines = [
+        f"Generated by `{info['command']}` on {info['date']}.",
+        "",
+        f"Machine: {info['nproc']} CPUs ({info['cpu']}), torch {info['torch']}, "
+        f"Python {info['python']}, {info['threads']} thread(s); load average "
+        f"{info['loadavg']} at the start (shared machine: times are noisy, CPU "
+        f"seconds are the better guide). Commit {info['commit']}.",
+        "",
+        "Held-out mean log-likelihood (nats per row, higher is better); flow fit "
+        "in CPU seconds; time to draw 1,000 samples (wall seconds).",
+        "",
+        "| data | n x d | ResidualFlow | GMM (tuned) | KDE (tuned) | best | "
+        "flow fit CPU s (epochs) | sample 1k: flow / GMM / KDE s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lls = {m: r[m]["test_ll"] for m in ("flow", "gmm", "kde")}
+        best = {"flow": "flow", "gmm": "GMM", "kde": "KDE"}[max(lls, key=lls.get)]
+        lines.append(
+            f"| {r['dataset']} | {r['n_train']} x {r['n_features']} | "
+            f"{lls['flow']:.3f} | {lls['gmm']:.3f} | {lls['kde']:.3f} | {best} | "
+            f"{r['flow']['fit_cpu_s']:.0f} ({r['flow']['epochs']}) | "
+            f"{r['flow']['sample_s']:.2f} / {r['gmm']['sample_s']:.3f} / "
+            f"{r['kde']['sample_s']:.3f} |"
+        )
+    if timing:
+        lines += [
+            "",
+            f"Time budget: {timing['dataset']}: {timing['fit_cpu_s']:.0f} CPU s "
+            f"({timing['fit_s']:.0f} s wall, {timing['epochs']} epochs), held-out "
+            f"log-likelihood {timing['test_ll']:.3f}.",
+        ]
+    return "\n".join(lines)
+
+
+def write_page(block, path=DOCS / "tabular.md"):
+    """Replace the generated block of ``path`` (kept between the markers)."""
+    begin, end = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
+    text = path.read_text() if path.exists() else f"{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    path.write_text(f"{head}{begin}\n\n{block}\n\n{end}{tail}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", nargs="+", default=list(ALL_DATASETS),
-                        choices=ALL_DATASETS)
-    parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--patience-steps", type=int, default=PATIENCE_STEPS)
-    parser.add_argument("--package-defaults", action="store_true",
-                        help="fit the flow with the package's current defaults")
+    parser.add_argument(
+        "--datasets", nargs="+", default=list(ALL_DATASETS), choices=ALL_DATASETS
+    )
+    parser.add_argument(
+        "--flow-params",
+        type=json.loads,
+        default={},
+        help="JSON dict of ResidualFlowDensity parameters to "
+        "override the package defaults",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--no-20k", action="store_true",
-                        help="skip the timing fit of the flow on 20,000 x 2 rows")
+    parser.add_argument(
+        "--no-20k",
+        action="store_true",
+        help="skip the timing fit of the flow on 20,000 x 2 rows",
+    )
     parser.add_argument("--out", default=str(DOCS / "tabular_results.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads)  # numpy / scipy BLAS of GMM and KDE as well
     info = machine_info()
-    info["command"] = "python " + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    info["command"] = "python " + " ".join(
+        ["benchmarks/bench_tabular.py", *sys.argv[1:]]
+    )
+    info["commit"] = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     print(json.dumps(info), flush=True)
+    params = args.flow_params
 
     results, fitted = [], {}
     for name in args.datasets:
         Xtr, Xte, note = load_dataset(name)
-        if args.package_defaults:
-            params, per_epoch = {}, None
-        else:
-            budget, per_epoch = step_budget_params(
-                Xtr.shape[0], steps=args.steps, patience_steps=args.patience_steps,
-                batch_size=FLOW_PARAMS["batch_size"])
-            params = {**FLOW_PARAMS, **budget}
         load0 = os.getloadavg()[0]
         flow, fit_s, cpu_s = fit_flow(Xtr, params, random_state=args.seed)
         flow_ll = float(np.mean(flow.score_samples(Xte)))
         flow_train = float(np.mean(flow.score_samples(Xtr)))
         samp_s, _ = time_sampling(flow)
-        row = dict(dataset=name, n_train=Xtr.shape[0], n_test=Xte.shape[0],
-                   n_features=Xtr.shape[1], note=note,
-                   flow=dict(test_ll=flow_ll, train_ll=flow_train, fit_s=fit_s,
-                             fit_cpu_s=cpu_s, sample_s=samp_s, epochs=flow.n_iter_,
-                             steps=(flow.n_iter_ * per_epoch if per_epoch else None),
-                             params={k: (list(v) if isinstance(v, tuple) else v)
-                                     for k, v in params.items()},
-                             loadavg_at_start=load0))
+        row = dict(
+            dataset=name,
+            n_train=Xtr.shape[0],
+            n_test=Xte.shape[0],
+            n_features=Xtr.shape[1],
+            note=note,
+            flow=dict(
+                test_ll=flow_ll,
+                train_ll=flow_train,
+                fit_s=fit_s,
+                fit_cpu_s=cpu_s,
+                sample_s=samp_s,
+                epochs=flow.n_iter_,
+                params=params,
+                loadavg_at_start=load0,
+            ),
+        )
         fitted[name] = {"X_test": Xte, "ResidualFlow": flow}
         for label, tuner in (("gmm", tune_gmm), ("kde", tune_kde)):
             model, best, fit_s, tune_s = tuner(Xtr)
             ll = float(np.mean(model.score_samples(Xte)))
             samp_s, _ = time_sampling(model)
-            row[label] = dict(test_ll=ll, fit_s=fit_s, tune_s=tune_s, sample_s=samp_s,
-                              params=best)
+            row[label] = dict(
+                test_ll=ll, fit_s=fit_s, tune_s=tune_s, sample_s=samp_s, params=best
+            )
             fitted[name][label.upper()] = model
         results.append(row)
-        print(json.dumps({"dataset": name,
-                          **{m: {k: (round(v, 4) if isinstance(v, float) else v)
-                                 for k, v in row[m].items() if k != "params"}
-                             for m in ("flow", "gmm", "kde")},
-                          "gmm_params": row["gmm"]["params"],
-                          "kde_params": row["kde"]["params"]}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "dataset": name,
+                    **{
+                        m: {
+                            k: (round(v, 4) if isinstance(v, float) else v)
+                            for k, v in row[m].items()
+                            if k != "params"
+                        }
+                        for m in ("flow", "gmm", "kde")
+                    },
+                    "gmm_params": row["gmm"]["params"],
+                    "kde_params": row["kde"]["params"],
+                }
+            ),
+            flush=True,
+        )
 
     timing = None
-    if not args.no_20k and not args.package_defaults:
+    if not args.no_20k:
         # Time budget check: 20,000 x 2 rows (checkerboard), flow only.
-        Xtr, Xte = make_toy("checkerboard", 20000, random_state=0), \
-            make_toy("checkerboard", 4000, random_state=1)
-        budget, per_epoch = step_budget_params(
-            Xtr.shape[0], steps=args.steps, patience_steps=args.patience_steps,
-            batch_size=FLOW_PARAMS["batch_size"])
-        params = {**FLOW_PARAMS, **budget}
+        Xtr = make_toy("checkerboard", 20000, random_state=0)
+        Xte = make_toy("checkerboard", 4000, random_state=1)
         load0 = os.getloadavg()[0]
         flow, fit_s, cpu_s = fit_flow(Xtr, params, random_state=args.seed)
-        timing = dict(dataset="checkerboard, 20000 train rows", fit_s=fit_s, fit_cpu_s=cpu_s,
-                      epochs=flow.n_iter_, steps=flow.n_iter_ * per_epoch,
-                      test_ll=float(np.mean(flow.score_samples(Xte))),
-                      params={k: (list(v) if isinstance(v, tuple) else v)
-                              for k, v in params.items()},
-                      loadavg_at_start=load0)
+        timing = dict(
+            dataset="checkerboard, 20000 train rows",
+            fit_s=fit_s,
+            fit_cpu_s=cpu_s,
+            epochs=flow.n_iter_,
+            test_ll=float(np.mean(flow.score_samples(Xte))),
+            loadavg_at_start=load0,
+        )
         print(json.dumps({"timing_20k": timing}), flush=True)
 
     if not args.no_write:
         DOCS.mkdir(parents=True, exist_ok=True)
-        info["finished"] = subprocess.run(["date"], capture_output=True,
-                                          text=True).stdout.strip()
-        Path(args.out).write_text(json.dumps({"machine": info, "results": results,
-                                              "timing_20k": timing},
-                                             indent=1))
+        info["finished"] = subprocess.run(
+            ["date"], capture_output=True, text=True
+        ).stdout.strip()
+        Path(args.out).write_text(
+            json.dumps(
+                {"machine": info, "results": results, "timing_20k": timing}, indent=1
+            )
+        )
+        write_page(markdown(info, results, timing))
         if any(n in fitted for n in TOY_DATASETS):
             density_figure(fitted, DOCS / "tabular_densities.png")
     return results
