@@ -42,9 +42,10 @@ def effective_weight(layer):
 
 
 # ----------------------------------------------------------------------------- linear
-@pytest.fixture(params=["svd", "power"])
+@pytest.fixture(params=["exact", "power"])
 def sigma_path(request, monkeypatch):
-    """Run a dense-layer test with the exact SVD and with forced power iteration."""
+    """Run a dense-layer test with the certified dense path and with forced power
+    iteration."""
     if request.param == "power":
         monkeypatch.setattr(lipschitz, "EXACT_MAX_COST", 0)
     return request.param
