@@ -88,6 +88,7 @@ class BaseResidualFlow(BaseEstimator):
         "tol": [Interval(Real, 0, None, closed="left")],
         "random_state": ["random_state"],
         "device": [str, torch.device],
+        "dtype": [StrOptions({"float32", "float64"})],
         "verbose": ["verbose"],
         "warm_start": ["boolean"],
     }
@@ -233,8 +234,9 @@ class BaseResidualFlow(BaseEstimator):
             self.n_iter_ = 0
         if self._dp is not None:
             self._dp.start(self._generator, self.device_)
-        Xt = torch.tensor(X, dtype=torch.float32)  # a copy: X may be read-only
-        wt = torch.as_tensor(sample_weight, dtype=torch.float32)
+        dtype = getattr(torch, self.dtype)  # of training; scoring is float64
+        Xt = torch.tensor(X, dtype=dtype)  # a copy: X may be read-only
+        wt = torch.as_tensor(sample_weight, dtype=dtype)
         train, val = self._split(Xt.shape[0])
         if self._dp is not None:  # every rank builds (and checks) on the same rows
             self._dp.gather_rows(Xt[train], wt[train])
@@ -245,11 +247,13 @@ class BaseResidualFlow(BaseEstimator):
             seed = int(torch.randint(2**31 - 1, (), generator=self._generator))
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                flow = self._build_flow(*build).to(self.device_)
+                # Built (and initialised) in float32, then cast to ``dtype``.
+                build = tuple(t.float() for t in build)
+                flow = self._build_flow(*build).to(self.device_, dtype)
             if self._dp is not None:
                 self._dp.broadcast_module(flow)
         else:
-            flow = copy.deepcopy(self.flow_).float()
+            flow = copy.deepcopy(self.flow_).to(dtype)
         resume = getattr(self, "_incremental_state", None) if incremental else None
         self._incremental_state = None  # only partial_fit after partial_fit resumes
         if resume is not None:  # the live weights, not the averaged ones of flow_

@@ -75,7 +75,7 @@ activation, logdet_estimator, n_exact_terms, logdet_grad
     n_iter_no_change : int or None, default=10
     tol : float, default=1e-4
         Minimum improvement of the monitored objective (nats per row).
-    random_state, device, verbose, warm_start
+    random_state, device, dtype, verbose, warm_start
         As in :class:`ResidualFlowDensity`.
 
     Attributes
@@ -166,6 +166,7 @@ scoring_estimator_
         tol=1e-4,
         random_state=None,
         device="auto",
+        dtype="float32",
         verbose=0,
         warm_start=False,
     ):
@@ -193,6 +194,7 @@ scoring_estimator_
         self.tol = tol
         self.random_state = random_state
         self.device = device
+        self.dtype = dtype
         self.verbose = verbose
         self.warm_start = warm_start
 

@@ -34,7 +34,7 @@ class ResidualFlowOutlierDetector(OutlierMixin, ResidualFlowDensity):
     n_blocks, hidden_dims, hidden_channels, n_fc_blocks, n_bins, image_shape, \
 lipschitz_coeff, activation, logdet_estimator, n_exact_terms, logdet_grad, \
 max_iter, batch_size, learning_rate, weight_decay, validation_fraction, \
-n_iter_no_change, tol, random_state, device, verbose, warm_start
+n_iter_no_change, tol, random_state, device, dtype, verbose, warm_start
         As in :class:`ResidualFlowDensity`, with the same defaults (the
         ``"auto"`` architecture, learning rate and training length, early
         stopping on a 10% validation split; ``docs/benchmarks/novelty.md``
@@ -111,6 +111,7 @@ logdet_estimator_, scoring_estimator_
         tol=1e-4,
         random_state=None,
         device="auto",
+        dtype="float32",
         verbose=0,
         warm_start=False,
     ):
@@ -135,6 +136,7 @@ logdet_estimator_, scoring_estimator_
         self.tol = tol
         self.random_state = random_state
         self.device = device
+        self.dtype = dtype
         self.verbose = verbose
         self.warm_start = warm_start
 

@@ -362,3 +362,29 @@ def test_extreme_scales(scale):
     assert np.all(np.isfinite(scores))
     # Densities scale as 1 / scale^2 in 2-D.
     assert np.median(scores) == pytest.approx(-2 * np.log(scale) - 2.8, abs=1.0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_training_dtype(moons, dtype, monkeypatch):
+    seen = set()
+    original = ResidualFlowDensity._batch_loss
+
+    def recording(self, flow, X, *args, **kwargs):
+        seen.update({X.dtype, next(flow.parameters()).dtype})
+        return original(self, flow, X, *args, **kwargs)
+
+    monkeypatch.setattr(ResidualFlowDensity, "_batch_loss", recording)
+    est = ResidualFlowDensity(**{**SMALL, "dtype": dtype}).fit(moons)
+    assert seen == {getattr(torch, dtype)}
+    assert next(est.flow_.parameters()).dtype == torch.float64  # scoring: float64
+    # Warm start and partial_fit keep training in that precision.
+    est.set_params(warm_start=True, max_iter=1).fit(moons)
+    est.partial_fit(moons)
+    assert seen == {getattr(torch, dtype)}
+    assert np.isfinite(est.score(moons))
+
+
+def test_float64_training_matches_float32_in_quality(moons):
+    single = ResidualFlowDensity(**SMALL).fit(moons).score(moons)
+    double = ResidualFlowDensity(**{**SMALL, "dtype": "float64"}).fit(moons)
+    assert abs(double.score(moons) - single) < 0.05
