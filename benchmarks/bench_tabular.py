@@ -383,7 +383,28 @@ def main(argv=None):
         help="skip the timing fit of the flow on 20,000 x 2 rows",
     )
     parser.add_argument("--out", default=str(DOCS / "tabular_results.json"))
+    parser.add_argument(
+        "--page",
+        default=str(DOCS / "tabular.md"),
+        help="markdown page whose generated block is rewritten "
+        "('none': only the json; see also --merge)",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="rebuild --page from the json files of earlier runs "
+        "(e.g. toys and real data run in parallel) and exit",
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        runs = [json.loads(Path(f).read_text()) for f in args.merge]
+        timing = next((r["timing_20k"] for r in runs if r["timing_20k"]), None)
+        results = [row for r in runs for row in r["results"]]
+        info = dict(runs[0]["machine"])
+        info["command"] = " and ".join(r["machine"]["command"] for r in runs)
+        write_page(markdown(info, results, timing), Path(args.page))
+        return results
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads)  # numpy / scipy BLAS of GMM and KDE as well
     info = machine_info()
@@ -480,7 +501,8 @@ def main(argv=None):
                 {"machine": info, "results": results, "timing_20k": timing}, indent=1
             )
         )
-        write_page(markdown(info, results, timing))
+        if args.page != "none":
+            write_page(markdown(info, results, timing), Path(args.page))
         if any(n in fitted for n in TOY_DATASETS):
             density_figure(fitted, DOCS / "tabular_densities.png")
     return results
