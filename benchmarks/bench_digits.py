@@ -32,7 +32,9 @@ Models
   setting on the whole draw.
 * KernelDensity (Gaussian kernel): bandwidth tuned on the same split, refitted.
 * ResidualFlowDensity, multiscale convolutional flow on the ``(n, 8, 8)``
-  integer arrays with ``n_bins=17`` (fresh dequantisation noise each batch).
+  integer arrays with ``n_bins=17`` (fresh dequantisation noise each batch), at
+  the package defaults (``--flows resflow-conv-tuned`` adds the previous
+  page's tuned setting).
 * ResidualFlowDensity, tabular MLP flow on the flattened ``(n, 64)`` rows with
   ``n_bins=17``. (``--flows resflow-mlp-predequantised`` also fits it on
   pre-dequantised continuous rows, the work-around used before commit e30255b
@@ -118,7 +120,7 @@ FLOWS = [
             "validation_fraction": 0.0,
             "n_iter_no_change": None,
         },
-        "note": "tabular MLP flow (defaults: 8 blocks, hidden (128, 128)) on the "
+        "note": "tabular MLP flow (defaults: 8 blocks, hidden_dims (32, 32)) on the "
         "flattened (n, 64) rows with n_bins=17; learning_rate=3e-3, max_iter=160, "
         "validation_fraction=0, n_iter_no_change=None",
     },
@@ -152,7 +154,7 @@ EXTRA_FLOWS = [
             "validation_fraction": 0.0,
             "n_iter_no_change": None,
         },
-        "note": f"tabular MLP flow (8 blocks, (128, 128)) on {N_TAB_DRAWS} stacked "
+        "note": f"tabular MLP flow (defaults) on {N_TAB_DRAWS} stacked "
         "dequantised copies of the training rows (no n_bins), lr 3e-3, 20 "
         "epochs, no validation / early stopping",
     },
