@@ -27,11 +27,9 @@ SCORING_EXACT_TERMS = 20  # series terms when scoring with the unbiased estimato
 # low-dimensional data most, where the exact log-det keeps 16 blocks cheap.
 AUTO_BLOCKS = {"low_dim": 16, "tabular": 8, "image": 2}
 AUTO_HIDDEN_DIMS = {"tabular": (32, 32), "image": (128, 128)}
-# Images (docs/benchmarks/digits.md): 2 conv blocks per scale and 600 optimiser
-# steps for max_iter="auto" beat a tuned GaussianMixture on digits in a few CPU
-# minutes; the tabular budget (2,000 steps of 256 rows) costs several times that
-# for a conv flow.
-IMAGE_AUTO_STEPS = 600
+# Images (docs/benchmarks/digits.md): 2 conv blocks per scale (and 600 optimiser
+# steps, AUTO_STEPS in _base.py) beat a tuned GaussianMixture on digits in a few
+# CPU minutes.
 
 
 class ResidualFlowDensity(DensityMixin, TransformerMixin, BaseResidualFlow):
@@ -242,16 +240,6 @@ default="memory_efficient"
         # amplify the real (noise) variation of that pixel.
         y, _ = dequantize(X[idx], self.n_bins, self._generator, noise="random")
         return initialize_actnorm(flow, y)
-
-    def _run_epochs(self, flow, train, val, n_epochs, warn, **kwargs):
-        if n_epochs == "auto" and self._is_image:
-            n_epochs = -(-IMAGE_AUTO_STEPS // self._steps_per_epoch(train[0].shape[0]))
-        return super()._run_epochs(flow, train, val, n_epochs, warn, **kwargs)
-
-    def _steps_per_epoch(self, n_train):
-        if self._dp is not None:  # every rank plans the same (collective) epoch
-            return self._dp.epoch_plan(n_train, self.batch_size)[2]
-        return -(-n_train // min(self.batch_size, n_train))
 
     def _make_flow(self, preprocessing):
         """The architecture for ``event_shape_``, before any data is seen."""

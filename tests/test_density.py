@@ -177,7 +177,7 @@ def test_validation_runs_every_few_epochs_on_small_data(moons):
 
 
 def test_auto_training_length_counts_optimiser_steps(moons, monkeypatch):
-    monkeypatch.setattr(base_module, "AUTO_STEPS", 20)
+    monkeypatch.setattr(base_module, "AUTO_STEPS", {"tabular": 20, "image": 20})
     est = _fit(moons, max_iter="auto", learning_rate="auto")
     assert est.n_iter_ == 3  # 540 training rows / 64 = 9 steps per epoch
     assert est._learning_rate() == base_module.AUTO_LEARNING_RATE["tabular"]

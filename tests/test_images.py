@@ -175,7 +175,7 @@ def test_actnorm_is_initialised_on_dequantised_data(image):
 
 
 def test_auto_max_iter_uses_the_image_step_budget(digits, monkeypatch):
-    monkeypatch.setattr("skresflow._density.IMAGE_AUTO_STEPS", 7)
+    monkeypatch.setattr("skresflow._base.AUTO_STEPS", {"tabular": 2000, "image": 7})
     params = {**TINY, "max_iter": "auto", "batch_size": 10, "validation_fraction": 0}
     est = ResidualFlowDensity(n_bins=17, **params).fit(digits[:30])
     assert est.n_iter_ == 3  # ceil(7 / 3 steps per epoch)
