@@ -564,7 +564,7 @@ class BaseResidualFlow(BaseEstimator):
         for name, value in fitted.items():
             if name == "feature_names_in_":
                 value = np.asarray(value, dtype=object)
-            elif name == "event_shape_":
+            elif name in ("event_shape_", "hidden_dims_"):
                 value = tuple(value)
             setattr(self, name, value)
         wanted = device if device is not None else metadata["device"]

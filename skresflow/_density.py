@@ -137,6 +137,10 @@ default="memory_efficient"
         Per epoch: ``epoch``, ``train_loss`` and ``val_loss`` (NLL in nats per
         row; the training value is the honest estimate), ``seconds``.
     device_ : torch.device
+    n_blocks_ : int
+        Resolved ``n_blocks``.
+    hidden_dims_ : tuple of int
+        Resolved ``hidden_dims``.
     logdet_estimator_ : str
         Resolved training estimator.
     scoring_estimator_ : str
@@ -225,6 +229,7 @@ default="memory_efficient"
         return int(np.prod(self.event_shape_))
 
     def _build_flow(self, X, sample_weight):
+        self.n_blocks_, self.hidden_dims_ = self._n_blocks(), self._hidden_dims()
         centres = self._training_view(X)
         if self._is_image and self.n_bins:
             preprocessing = "logit"
@@ -243,23 +248,24 @@ default="memory_efficient"
 
     def _make_flow(self, preprocessing):
         """The architecture for ``event_shape_``, before any data is seen."""
+        n_blocks, hidden_dims = self._architecture()
         if self._is_image:
             c, h, w = self.event_shape_
             return image_flow(
                 self.event_shape_,
                 n_scales=_n_scales(h, w),
-                n_blocks=self._n_blocks(),
+                n_blocks=n_blocks,
                 hidden_channels=self.hidden_channels,
                 n_fc_blocks=self.n_fc_blocks,
-                fc_hidden=max(self._hidden_dims()),
+                fc_hidden=max(hidden_dims),
                 activation=self.activation,
                 coeff=self.lipschitz_coeff,
                 preprocessing=preprocessing,
             )
         return tabular_flow(
             self._n_dims,
-            n_blocks=self._n_blocks(),
-            hidden_dims=self._hidden_dims(),
+            n_blocks=n_blocks,
+            hidden_dims=hidden_dims,
             activation=self.activation,
             coeff=self.lipschitz_coeff,
             preprocessing=preprocessing,
@@ -271,8 +277,21 @@ default="memory_efficient"
         if self._is_image:
             width = self.hidden_channels * d // self.event_shape_[0]
         else:
-            width = max(self._hidden_dims())
+            width = max(self._architecture()[1])
         return copies * width
+
+    def _restore(self, metadata, state, device):
+        super()._restore(metadata, state, device)
+        self.n_blocks_, self.hidden_dims_ = self._architecture()  # older files
+        return self
+
+    def _architecture(self):
+        """``(n_blocks, hidden_dims)`` of the fitted model: resolved at fit and
+        saved with it, so a change of the "auto" values never changes a loaded
+        model (files written before these attributes resolve them again)."""
+        if hasattr(self, "n_blocks_"):
+            return self.n_blocks_, tuple(self.hidden_dims_)
+        return self._n_blocks(), self._hidden_dims()
 
     def _n_blocks(self):
         if self.n_blocks != "auto":

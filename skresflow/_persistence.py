@@ -18,6 +18,8 @@ _FITTED_ATTRIBUTES = (
     "feature_names_in_",
     "event_shape_",
     "_input_ndim",
+    "n_blocks_",
+    "hidden_dims_",
     "n_iter_",
     "history_",
     "logdet_estimator_",

@@ -135,3 +135,30 @@ def test_loading_re_establishes_the_lipschitz_constraint(saved, data):
     assert all(bound < 1 for bound in loaded.flow_.lipschitz_bounds())
     Z = loaded.transform(data)
     np.testing.assert_allclose(loaded.inverse_transform(Z), data, atol=1e-8)
+
+
+def test_auto_architecture_is_stored_with_the_model(data, tmp_path, monkeypatch):
+    # The "auto" values may change between versions: a saved model keeps its own.
+    params = {**SMALL, "n_blocks": "auto", "hidden_dims": "auto"}
+    monkeypatch.setattr("skresflow._density.AUTO_BLOCKS", {"low_dim": 3})
+    monkeypatch.setattr("skresflow._density.AUTO_HIDDEN_DIMS", {"tabular": (8, 4)})
+    est = ResidualFlowDensity(**params).fit(data)
+    assert (est.n_blocks_, est.hidden_dims_) == (3, (8, 4))
+    est.save(tmp_path / "auto.skf")
+    monkeypatch.setattr("skresflow._density.AUTO_BLOCKS", {"low_dim": 5})
+    monkeypatch.setattr("skresflow._density.AUTO_HIDDEN_DIMS", {"tabular": (6,)})
+    loaded = skresflow.load(tmp_path / "auto.skf")
+    assert (loaded.n_blocks_, loaded.hidden_dims_) == (3, (8, 4))
+    np.testing.assert_array_equal(loaded.score_samples(data), est.score_samples(data))
+    # Files written before these attributes resolve "auto" again when loaded.
+    payload = _payload(tmp_path / "auto.skf")
+    metadata = json.loads(payload["metadata"])
+    for name in ("n_blocks_", "hidden_dims_"):
+        del metadata["fitted"][name]
+    payload["metadata"] = json.dumps(metadata)
+    _rewrite(tmp_path / "old.skf", payload)
+    with pytest.raises(ValueError, match="weights do not match the architecture"):
+        skresflow.load(tmp_path / "old.skf")  # the "auto" of today: 5 blocks
+    monkeypatch.setattr("skresflow._density.AUTO_BLOCKS", {"low_dim": 3})
+    monkeypatch.setattr("skresflow._density.AUTO_HIDDEN_DIMS", {"tabular": (8, 4)})
+    assert skresflow.load(tmp_path / "old.skf").n_blocks_ == 3
