@@ -323,7 +323,8 @@ def markdown(info, results, timing):
         "",
         f"Machine: {info['nproc']} CPUs ({info['cpu']}), torch {info['torch']}, "
         f"Python {info['python']}, {info['threads']} thread(s); load average "
-        f"{info['loadavg']} at the start (shared machine: times are noisy, CPU "
+        f"{', '.join(f'{x:.1f}' for x in info['loadavg'])} at the start (shared "
+        "machine: times are noisy, CPU "
         f"seconds are the better guide). Commit {info['commit']}.",
         "",
         "Held-out mean log-likelihood (nats per row, higher is better); flow fit "
