@@ -48,8 +48,7 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import subprocess
+import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -66,6 +65,9 @@ from threadpoolctl import threadpool_limits
 
 from skresflow import ResidualFlowOutlierDetector
 from skresflow.datasets import load_digits_images
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_hybrid import machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks"
@@ -276,28 +278,6 @@ def run_split(split, inliers, flows, baselines, quick, threads, seed=0):
         for row in sklearn_detectors(Ytr, Yte, quick) if baselines else ():
             record(*row)
     return rows
-
-
-def machine():
-    cpu = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    ).stdout.strip()
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "commit": commit,
-        "load_average": os.getloadavg(),
-    }
 
 
 def load_results(path):

@@ -1,7 +1,6 @@
 import os
 import pickle
 import warnings
-from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from sklearn.utils.estimator_checks import (
 )
 
 # The two-process gloo launcher of the data-parallel tests.
-from test_distributed import _free_port, needs_gloo
+from test_distributed import _free_port, init_gloo, needs_gloo
 
 import skresflow
 from skresflow import ResidualFlowClassifier
@@ -314,11 +313,7 @@ def test_hybrid_flow_density_matches_the_flow():
 
 
 def _data_parallel_worker(rank, world_size, port, out):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120)
-    )
+    init_gloo(rank, world_size, port)
     X, y = make_blobs(600, centers=3, n_features=2, random_state=0)
     labels = np.array(["a", "b", "c"])[y]
     # Rank 0 never sees class "c", rank 1 never sees "a".

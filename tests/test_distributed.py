@@ -72,7 +72,8 @@ def _union_gradients(X, w, seed):
     return flow
 
 
-def _worker(rank, world_size, port, out):
+def init_gloo(rank, world_size, port):
+    """Join a local gloo group as one of the processes ``mp.spawn`` started."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group(
@@ -81,6 +82,10 @@ def _worker(rank, world_size, port, out):
         world_size=world_size,
         timeout=datetime.timedelta(seconds=120),
     )
+
+
+def _worker(rank, world_size, port, out):
+    init_gloo(rank, world_size, port)
     from skresflow._distributed import DataParallel
 
     X, X_test = _data()

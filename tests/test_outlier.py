@@ -1,11 +1,9 @@
 import os
 import pickle
 import warnings
-from datetime import timedelta
 
 import numpy as np
 import pytest
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from sklearn.base import clone
@@ -15,7 +13,7 @@ from sklearn.utils._param_validation import InvalidParameterError
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 # The two-process gloo launcher of the data-parallel tests.
-from test_distributed import _free_port, needs_gloo
+from test_distributed import _free_port, init_gloo, needs_gloo
 
 import skresflow
 import skresflow._outlier as outlier_module
@@ -165,11 +163,7 @@ def test_non_finite_offset_is_loud(data, monkeypatch):
 
 
 def _data_parallel_worker(rank, world_size, port, out):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120)
-    )
+    init_gloo(rank, world_size, port)
     rng = np.random.default_rng(0)
     X = rng.normal(size=(300, 2))
     X[:100] *= 3.0  # rank 0's rows are wider: its own quantile would be lower
