@@ -1,12 +1,9 @@
-import os
 import pickle
 import warnings
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from sklearn.datasets import make_blobs
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import InvalidParameterError
@@ -16,7 +13,7 @@ from sklearn.utils.estimator_checks import (
 )
 
 # The two-process gloo launcher of the data-parallel tests.
-from test_distributed import _free_port, init_gloo, needs_gloo
+from test_distributed import finish_rank, init_gloo, needs_gloo, spawn_two_ranks
 
 import skresflow
 from skresflow import ResidualFlowClassifier
@@ -327,22 +324,12 @@ def _data_parallel_worker(rank, world_size, port, out):
         "proba": clf.predict_proba(X),
         "accuracy": clf.score(X, labels),
     }
-    with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(result, f)
-    dist.destroy_process_group()
+    finish_rank(rank, out, result)
 
 
 @needs_gloo
 def test_data_parallel_fit(tmp_path):
-    mp.spawn(
-        _data_parallel_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
-        join=True,
-    )
-    ranks = []
-    for rank in range(2):
-        with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
-            ranks.append(pickle.load(f))
-    a, b = ranks
+    a, b = spawn_two_ranks(_data_parallel_worker, tmp_path)
     assert a["classes"].tolist() == b["classes"].tolist() == ["a", "b", "c"]
     for key in a["state"]:
         assert torch.equal(a["state"][key], b["state"][key]), key

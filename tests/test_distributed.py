@@ -6,6 +6,7 @@ uneven slice of a toy data set, the way ``torchrun`` would.
 
 import datetime
 import os
+import pickle
 import socket
 import warnings
 
@@ -82,6 +83,23 @@ def init_gloo(rank, world_size, port):
         world_size=world_size,
         timeout=datetime.timedelta(seconds=120),
     )
+
+
+def finish_rank(rank, out, result):
+    """Save a worker's result for :func:`spawn_two_ranks`; leave the group."""
+    with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+    dist.destroy_process_group()
+
+
+def spawn_two_ranks(worker, out):
+    """Run ``worker(rank, 2, port, out)`` in two processes; their results, by rank."""
+    mp.spawn(worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    results = []
+    for rank in range(2):
+        with open(os.path.join(out, f"rank{rank}.pkl"), "rb") as f:
+            results.append(pickle.load(f))
+    return results
 
 
 def _worker(rank, world_size, port, out):

@@ -1,11 +1,8 @@
-import os
 import pickle
 import warnings
 
 import numpy as np
 import pytest
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import roc_auc_score
@@ -13,7 +10,7 @@ from sklearn.utils._param_validation import InvalidParameterError
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 # The two-process gloo launcher of the data-parallel tests.
-from test_distributed import _free_port, init_gloo, needs_gloo
+from test_distributed import finish_rank, init_gloo, needs_gloo, spawn_two_ranks
 
 import skresflow
 import skresflow._outlier as outlier_module
@@ -180,24 +177,12 @@ def _data_parallel_worker(rank, world_size, port, out):
         "scores": plain.score_samples(X),
         "weighted_scores": weighted.score_samples(X),
     }
-    with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(result, f)
-    dist.destroy_process_group()
+    finish_rank(rank, out, result)
 
 
 @needs_gloo
 def test_data_parallel_ranks_share_the_offset(tmp_path):
-    mp.spawn(
-        _data_parallel_worker,
-        args=(2, _free_port(), str(tmp_path)),
-        nprocs=2,
-        join=True,
-    )
-    ranks = []
-    for rank in range(2):
-        with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
-            ranks.append(pickle.load(f))
-    a, b = ranks
+    a, b = spawn_two_ranks(_data_parallel_worker, tmp_path)
     np.testing.assert_array_equal(a["scores"], b["scores"])  # the same model
     assert a["offset"] == b["offset"]
     assert a["weighted_offset"] == b["weighted_offset"]
