@@ -88,8 +88,8 @@ activation, logdet_estimator, n_exact_terms, logdet_grad
         The resolved head, "linear" or "multiscale".
     flow_ : skresflow.core.heads.HybridFlow
         The fitted flow and its head (float64, evaluation mode).
-    n_features_in_, feature_names_in_, n_iter_, device_, logdet_estimator_, \
-scoring_estimator_
+    n_features_in_, feature_names_in_, n_iter_, device_, n_blocks_, \
+hidden_dims_, logdet_estimator_, scoring_estimator_
         As in :class:`ResidualFlowDensity`.
     history_ : list of dict
         Per epoch: ``epoch``, ``train_loss`` and ``val_loss`` (the objective

@@ -51,7 +51,7 @@ n_iter_no_change, tol, random_state, device, dtype, verbose, warm_start
         is taken over the training rows of all processes, so that every
         process gets the same ``offset_``.
     flow_, n_features_in_, feature_names_in_, n_iter_, history_, device_, \
-logdet_estimator_, scoring_estimator_
+n_blocks_, hidden_dims_, logdet_estimator_, scoring_estimator_
         As in :class:`ResidualFlowDensity`.
 
     See Also
