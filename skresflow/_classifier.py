@@ -9,7 +9,6 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._base import BaseResidualFlow
 from ._density import ResidualFlowDensity
 from ._distributed import DataParallel
 from .core import dequantize
@@ -61,6 +60,10 @@ class ResidualFlowClassifier(ClassifierMixin, ResidualFlowDensity):
     hidden_channels, n_fc_blocks, n_bins, image_shape, lipschitz_coeff, \
 activation, logdet_estimator, n_exact_terms, logdet_grad
         As in :class:`ResidualFlowDensity`.
+    factor_out : bool, default=False
+        As in :class:`ResidualFlowDensity` (images only). The multiscale head
+        then reads, at every scale but the last, the channels factored out
+        there, and the last scale's feature map (the paper's hybrid model).
     max_iter : int, default=100
         Maximum number of epochs.
     batch_size : int, default=64
@@ -129,7 +132,7 @@ hidden_dims_, logdet_estimator_, scoring_estimator_
     """
 
     _parameter_constraints = {
-        **BaseResidualFlow._parameter_constraints,
+        **ResidualFlowDensity._parameter_constraints,
         "density_weight": [
             Interval(Real, 0, None, closed="left"),
             StrOptions({"per_dim"}),
@@ -152,6 +155,7 @@ hidden_dims_, logdet_estimator_, scoring_estimator_
         n_fc_blocks=2,
         n_bins=None,
         image_shape=None,
+        factor_out=False,
         lipschitz_coeff=0.97,
         activation="lipswish",
         logdet_estimator="auto",
@@ -180,6 +184,7 @@ hidden_dims_, logdet_estimator_, scoring_estimator_
         self.n_fc_blocks = n_fc_blocks
         self.n_bins = n_bins
         self.image_shape = image_shape
+        self.factor_out = factor_out
         self.lipschitz_coeff = lipschitz_coeff
         self.activation = activation
         self.logdet_estimator = logdet_estimator

@@ -44,7 +44,6 @@ def _expected_failures(estimator):
     return EXPECTED_FAILURES
 
 
-
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 @parametrize_with_checks(
     [ResidualFlowClassifier(**SMALL)], expected_failed_checks=_expected_failures
@@ -190,6 +189,7 @@ def test_zero_weight_on_all_but_one_class(blobs):
         ({"density_weight": "per_pixel"}, "'density_weight' parameter"),
         ({"head": "mlp"}, "'head' parameter"),
         ({"head_channels": 0}, "'head_channels' parameter"),
+        ({"factor_out": "yes"}, "'factor_out' parameter"),
     ],
 )
 def test_bad_parameters(blobs, params, match):
@@ -211,21 +211,23 @@ def images():
     return X.astype(np.float64), y
 
 
+IMAGE_PARAMS = dict(
+    n_bins=4,
+    n_blocks=1,
+    hidden_channels=4,
+    head_channels=4,
+    n_fc_blocks=1,
+    hidden_dims=(8,),
+    max_iter=15,
+    # 60 steps: accuracy 1.0 for random_state 0-4 (batch 64: 0.42-0.91)
+    batch_size=16,
+    random_state=0,
+)
+
+
 @pytest.fixture(scope="module")
 def image_clf(images):
-    params = dict(
-        n_bins=4,
-        n_blocks=1,
-        hidden_channels=4,
-        head_channels=4,
-        n_fc_blocks=1,
-        hidden_dims=(8,),
-        max_iter=15,
-        # 60 steps: accuracy 1.0 for random_state 0-4 (batch 64: 0.42-0.91)
-        batch_size=16,
-        random_state=0,
-    )
-    return ResidualFlowClassifier(**params).fit(*images)
+    return ResidualFlowClassifier(**IMAGE_PARAMS).fit(*images)
 
 
 def test_images_use_the_multiscale_head(image_clf, images):
@@ -235,6 +237,34 @@ def test_images_use_the_multiscale_head(image_clf, images):
     assert image_clf.score(X, y) > 0.9
     assert image_clf.density_weight_ == 1 / 16
     assert np.isfinite(image_clf.bits_per_dim(X))
+
+
+@pytest.fixture(scope="module")
+def factored_clf(images):
+    return ResidualFlowClassifier(factor_out=True, **IMAGE_PARAMS).fit(*images)
+
+
+def test_factor_out_head_reads_every_scale(factored_clf, images):
+    X, y = images
+    # 4x4 images, two scales: the squeezed (4, 2, 2) map sends 2 channels to the
+    # latent code; the head reads them and the last scale's 2 kept channels.
+    assert [c.in_channels for c in factored_clf.flow_.head.convs] == [2, 2]
+    assert factored_clf.score(X, y) > 0.9
+    assert factored_clf.predict_proba(X).shape == (64, 2)
+    assert np.isfinite(factored_clf.bits_per_dim(X))
+
+
+def test_factor_out_save_load_round_trip(factored_clf, images, tmp_path):
+    X, _ = images
+    factored_clf.save(tmp_path / "fo.skf")
+    loaded = skresflow.load(tmp_path / "fo.skf")
+    assert loaded.factor_out is True
+    np.testing.assert_array_equal(
+        loaded.predict_proba(X), factored_clf.predict_proba(X)
+    )
+    np.testing.assert_array_equal(
+        loaded.score_samples(X), factored_clf.score_samples(X)
+    )
 
 
 def test_save_load_round_trip(fitted, blobs, image_clf, images, tmp_path):

@@ -9,7 +9,14 @@ from .blocks import ResidualBlock, conv_branch, mlp_branch
 from .dequantize import dequantize, quantize
 from .flow import Flow, LipschitzError
 from .inverse import InverseNotConvergedWarning, fixed_point_inverse
-from .layers import ActNorm, FixedAffine, LogitTransform, Reshape, Squeeze
+from .layers import (
+    ActNorm,
+    FactorOut,
+    FixedAffine,
+    LogitTransform,
+    Reshape,
+    Squeeze,
+)
 from .lipschitz import LipschitzConv2d, LipschitzLinear
 from .logdet import ESTIMATORS, GRAD_MODES, logdet_estimate, residual_logdet, row_hash
 
@@ -18,6 +25,7 @@ __all__ = [
     "ESTIMATORS",
     "GRAD_MODES",
     "ActNorm",
+    "FactorOut",
     "FixedAffine",
     "Flow",
     "InverseNotConvergedWarning",

@@ -4,7 +4,14 @@ import torch
 
 from .blocks import ResidualBlock, conv_branch, mlp_branch
 from .flow import Flow
-from .layers import ActNorm, FixedAffine, LogitTransform, Reshape, Squeeze
+from .layers import (
+    ActNorm,
+    FactorOut,
+    FixedAffine,
+    LogitTransform,
+    Reshape,
+    Squeeze,
+)
 
 __all__ = ["standardizer", "tabular_flow", "image_flow", "initialize_actnorm"]
 
@@ -61,6 +68,7 @@ def image_flow(
     coeff=0.98,
     preprocessing="logit",
     logit_alpha=1e-5,
+    factor_out=False,
 ):
     """Multiscale convolutional residual flow (Chen et al. 2019, section 5).
 
@@ -82,6 +90,22 @@ def image_flow(
     preprocessing : "logit" or torch.nn.Module or None, default="logit"
         ``"logit"`` expects data in [0, 1] (dequantised pixels).
     logit_alpha : float, default=1e-5
+    factor_out : bool, default=False
+        After every squeeze, send half of the channels straight to the latent
+        code (through a per-channel ActNorm, see
+        :class:`~skresflow.core.FactorOut`); the later scales and the fully
+        connected blocks see the other half only. As in the reference code's
+        ``factor_out``, every scale but the last factors out (its ImageNet
+        configurations add a squeeze before the first scale, which does not).
+        No effect with one scale.
+
+    Examples
+    --------
+    >>> flow = image_flow((1, 8, 8), n_blocks=1, hidden_channels=4, factor_out=True)
+    >>> [m.out_channels for m in flow.modules() if isinstance(m, FactorOut)]
+    [2, 4]
+    >>> flow.latent_shape
+    (64,)
     """
     c, h, w = image_shape
     factor = 2 ** (n_scales - 1)
@@ -93,26 +117,46 @@ def image_flow(
     if preprocessing == "logit":
         preprocessing = LogitTransform(logit_alpha)
     layers = [preprocessing] if preprocessing is not None else []
-    for scale in range(n_scales):
+
+    def scale(c):  # the residual blocks of one scale, on c channels
+        layers = []
         for _ in range(n_blocks):
             branch = conv_branch(c, hidden_channels, activation=activation, coeff=coeff)
             layers += [ActNorm(c), ResidualBlock(branch)]
-        if scale < n_scales - 1:
-            layers.append(Squeeze())
-            c, h, w = 4 * c, h // 2, w // 2
+        return layers
+
+    def end(d):  # the fully connected blocks on the flattened d features
+        layers = []
+        for _ in range(n_fc_blocks):
+            hidden = (fc_hidden, fc_hidden)
+            branch = mlp_branch(
+                d, hidden, activation=activation, coeff=coeff, preactivation=True
+            )
+            layers += [ActNorm(d), ResidualBlock(branch)]
+        return layers + [ActNorm(d)]
+
+    layers += _scales(tuple(image_shape), n_scales, scale, end, factor_out)
+    return Flow(layers, tuple(image_shape), latent_shape=(c * h * w,))
+
+
+def _scales(shape, n_scales, scale, end, factor_out):
+    """Layers of the last ``n_scales`` scales on inputs of ``shape``, then the
+    flattening and ``end``; with ``factor_out`` the later scales are nested in
+    a :class:`FactorOut` that sees half of the squeezed channels."""
+    c, h, w = shape
     d = c * h * w
-    layers.append(Reshape((c, h, w), (d,)))
-    for _ in range(n_fc_blocks):
-        branch = mlp_branch(
-            d,
-            (fc_hidden, fc_hidden),
-            activation=activation,
-            coeff=coeff,
-            preactivation=True,
-        )
-        layers += [ActNorm(d), ResidualBlock(branch)]
-    layers.append(ActNorm(d))
-    return Flow(layers, tuple(image_shape), latent_shape=(d,))
+    if n_scales == 1:
+        return [*scale(c), Reshape(shape, (d,)), *end(d)]
+    squeezed = (4 * c, h // 2, w // 2)
+    if not factor_out:
+        return [
+            *scale(c),
+            Squeeze(),
+            *_scales(squeezed, n_scales - 1, scale, end, False),
+        ]
+    kept = (2 * c, h // 2, w // 2)
+    inner = _scales(kept, n_scales - 1, scale, end, True)
+    return [*scale(c), Squeeze(), FactorOut(squeezed, inner, (d // 2,))]
 
 
 def initialize_actnorm(flow, X):

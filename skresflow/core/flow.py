@@ -46,7 +46,9 @@ class Flow(nn.Module):
 
     @property
     def blocks(self):
-        return [m for m in self.layers if isinstance(m, ResidualBlock)]
+        """Every residual block, in data-to-latent order (also those nested in
+        layers such as :class:`~skresflow.core.FactorOut`)."""
+        return [m for m in self.modules() if isinstance(m, ResidualBlock)]
 
     def forward(self, x, generator=None):
         """Map data to latent: returns ``(z, logdet)`` with the summed log-det."""

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from .blocks import ResidualBlock
 from .flow import Flow
-from .layers import ActNorm, Reshape, Squeeze
+from .layers import ActNorm, FactorOut, Reshape, Squeeze
 
 __all__ = [
     "HybridFlow",
@@ -48,7 +48,7 @@ class MultiscaleHead(nn.Module):
     Parameters
     ----------
     channels : sequence of int
-        Channels of the feature map at the end of each scale (see
+        Channels of the feature map read at each scale (see
         :func:`scale_channels`).
     n_classes : int
     hidden_channels : int, default=256
@@ -76,21 +76,32 @@ class MultiscaleHead(nn.Module):
         return self.linear(torch.cat(pooled, 1))
 
 
-def _is_scale_end(layer):
+def _is_scale_end(layers, i):
     """A scale of a multiscale flow ends where its feature map is squeezed or
-    flattened: the head reads the map just before that layer."""
-    return isinstance(layer, Squeeze) or (
-        isinstance(layer, Reshape) and len(layer.in_shape) == 3
-    )
+    flattened: the head reads the map just before that layer. Where the squeeze
+    is followed by a :class:`FactorOut`, the head reads the factored-out
+    channels instead (the scale's part of the latent code, as in the paper's
+    hybrid model)."""
+    layer, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
+    if isinstance(layer, Squeeze):
+        return not isinstance(after, FactorOut)
+    return isinstance(layer, Reshape) and len(layer.in_shape) == 3
 
 
 def scale_channels(flow):
-    """Channels of the feature map at the end of each scale of an image flow."""
-    c, channels = flow.event_shape[0], []
-    for layer in flow.layers:
-        if _is_scale_end(layer):
+    """Channels of the feature map the head reads at each scale of an image flow."""
+    return _scale_channels(flow.layers, flow.event_shape[0])
+
+
+def _scale_channels(layers, c):
+    channels = []
+    for i, layer in enumerate(layers):
+        if isinstance(layer, FactorOut):
+            channels.append(layer.out_channels)
+            channels += _scale_channels(layer.layers, layer.kept_channels)
+        elif _is_scale_end(layers, i):
             channels.append(c)
-            c *= 4 if isinstance(layer, Squeeze) else 1
+        c *= 4 if isinstance(layer, Squeeze) else 1
     return channels
 
 
@@ -103,8 +114,9 @@ class HybridFlow(Flow):
         Its layers are shared, not copied; the density is that of ``flow``.
     head : torch.nn.Module
         Called as ``head(z, taps)`` with the latent code ``z`` and the list of
-        feature maps at the end of each scale (empty for flows without scales);
-        returns ``(batch, n_classes)`` logits.
+        feature maps at the end of each scale (empty for flows without scales;
+        with factor-out, the factored-out channels of each scale but the last,
+        then the last scale's map); returns ``(batch, n_classes)`` logits.
 
     Examples
     --------
@@ -128,22 +140,35 @@ class HybridFlow(Flow):
         None): the pass costs one evaluation of every residual branch.
         """
         taps = []
-        logdet = x.new_zeros(x.shape[0])
-        for layer in self.layers:
-            if _is_scale_end(layer):
-                taps.append(x)
-            if not density and isinstance(layer, ResidualBlock):
-                x = x + layer.g(x)
-                continue
-            x, ld = layer(x, generator)
-            logdet = logdet + ld
-        logits = self.head(x, taps)
-        return (self.base_log_prob(x) + logdet if density else None), logits
+        z, logdet = _walk(self.layers, x, generator, density, taps)
+        logits = self.head(z, taps)
+        return (self.base_log_prob(z) + logdet if density else None), logits
 
     def class_log_prob(self, x):
         """``log p(y | x)`` for every class: ``(batch, n_classes)``."""
         _, logits = self.classify(x, density=False)
         return F.log_softmax(logits, dim=1)
+
+
+def _walk(layers, x, generator, density, taps):
+    """Forward pass through ``layers`` that appends the head's feature maps to
+    ``taps``; without ``density`` the residual blocks skip their log-dets."""
+    logdet = x.new_zeros(x.shape[0])
+    for i, layer in enumerate(layers):
+        if isinstance(layer, FactorOut):
+            kept, out, ld = layer.split(x)
+            taps.append(out)
+            kept, ld_kept = _walk(layer.layers, kept, generator, density, taps)
+            x, logdet = layer.join(out, kept), logdet + ld + ld_kept
+            continue
+        if _is_scale_end(layers, i):
+            taps.append(x)
+        if not density and isinstance(layer, ResidualBlock):
+            x = x + layer.g(x)
+            continue
+        x, ld = layer(x, generator)
+        logdet = logdet + ld
+    return x, logdet
 
 
 def hybrid_loss(log_p, logits, y, weight, density_weight):

@@ -10,7 +10,14 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["ActNorm", "Squeeze", "LogitTransform", "FixedAffine", "Reshape"]
+__all__ = [
+    "ActNorm",
+    "FactorOut",
+    "FixedAffine",
+    "LogitTransform",
+    "Reshape",
+    "Squeeze",
+]
 
 
 def _per_feature(t, x):
@@ -153,3 +160,79 @@ class Reshape(nn.Module):
 
     def extra_repr(self):
         return f"{self.in_shape} -> {self.out_shape}"
+
+
+class FactorOut(nn.Module):
+    """Send half of the channels to the latent code, the other half on through
+    ``layers`` (the remaining scales of a multiscale flow).
+
+    ``(B, C, H, W) -> (B, C * H * W)``: the last ``C - C // 2`` channels pass
+    through a per-channel :class:`ActNorm` and leave the flow (under a standard
+    normal base they are modelled as independent Gaussians per channel); the
+    first ``C // 2`` go through ``layers``. The output is the concatenation of
+    the flattened factored-out channels and the flattened output of ``layers``.
+
+    Parameters
+    ----------
+    in_shape : tuple (C, H, W)
+        Shape of one input; ``C >= 2``.
+    layers : sequence of torch.nn.Module
+        Invertible layers (``x -> (y, logdet)``, ``inverse``) applied to the
+        kept ``(C // 2, H, W)`` channels.
+    latent_shape : tuple of int
+        Shape of one output of ``layers`` (what :meth:`inverse` hands them back).
+
+    Notes
+    -----
+    The split itself is a permutation of coordinates: its log-det is 0, so the
+    log-det of this layer is that of the factored-out ActNorm plus that of
+    ``layers``, and the factored-out channels add their standard normal
+    log-density through the flow's base density. Cost: the later scales work on
+    half the channels (Dinh et al. 2017; Chen et al. 2019, "factor out").
+    """
+
+    def __init__(self, in_shape, layers, latent_shape):
+        super().__init__()
+        c, h, w = in_shape
+        if c < 2:
+            raise ValueError(
+                f"FactorOut needs at least 2 channels to split; got in_shape="
+                f"{tuple(in_shape)} instead."
+            )
+        self.in_shape, self.latent_shape = tuple(in_shape), tuple(latent_shape)
+        self.kept_channels, self.out_channels = c // 2, c - c // 2
+        self.norm = ActNorm(self.out_channels)
+        self.layers = nn.ModuleList(layers)
+
+    def split(self, x):
+        """``(kept, out, logdet)``: the kept channels, the normalised factored-out
+        channels and the log-det of their ActNorm."""
+        kept, out = x.split([self.kept_channels, self.out_channels], dim=1)
+        out, logdet = self.norm(out)
+        return kept, out, logdet
+
+    def join(self, out, kept):
+        """The layer's output from the factored-out part and the kept part's code."""
+        return torch.cat([out.flatten(1), kept.flatten(1)], dim=1)
+
+    def forward(self, x, generator=None):
+        kept, out, logdet = self.split(x)
+        for layer in self.layers:
+            kept, ld = layer(kept, generator)
+            logdet = logdet + ld
+        return self.join(out, kept), logdet
+
+    def inverse(self, y):
+        _, h, w = self.in_shape
+        n_out = self.out_channels * h * w
+        out = y[:, :n_out].reshape(y.shape[0], self.out_channels, h, w)
+        kept = y[:, n_out:].reshape(y.shape[0], *self.latent_shape)
+        for layer in reversed(self.layers):
+            kept = layer.inverse(kept)
+        return torch.cat([kept, self.norm.inverse(out)], dim=1)
+
+    def extra_repr(self):
+        return (
+            f"{self.in_shape}: {self.out_channels} channels out, "
+            f"{self.kept_channels} kept"
+        )
