@@ -25,10 +25,15 @@ Detectors
 ---------
 Flow detectors: ``FLOWS`` below, on the integer images (``n_bins=17``) unless
 the variant says "continuous" (then on the dequantised draw the sklearn
-detectors see). For the integer variants a second row ranks the same fit by
-``log p(x) - log q(x)``, ``q`` independent per-pixel categoricals fitted on the
-training images (``pixel_background``): a likelihood-ratio score computed here,
-not by the estimator. sklearn detectors on one dequantised draw ``(x + u) / 17``
+detectors see). The integer variants are fitted with
+``outlier_score="likelihood_ratio"`` and give two rows from the same fit: the
+log-density and the estimator's likelihood ratio ``log p(x) - log q(x)``, ``q``
+independent per-pixel categoricals fitted on the training images
+(``background_``). Results files from before the option (rows labelled
+``log p(x) - log p_pixels(x)``) computed that ratio here, with the recipe of the
+user guide; every run now recomputes the recipe (``pixel_background``) and
+records its largest difference from the estimator's ratio
+(``recipe_max_abs_diff``). sklearn detectors on one dequantised draw ``(x + u) / 17``
 (``default_rng(0)`` for training, ``default_rng(1)`` for scoring):
 ``GaussianMixture`` and ``KernelDensity`` tuned by held-out log-likelihood on an
 80/20 split of the inlier training images (never on novelties),
@@ -200,8 +205,8 @@ def sklearn_detectors(Ytr, Yte, quick):
 
 def pixel_background(train, test):
     """log-probability of ``test`` under independent per-pixel categoricals
-    (17 levels, add-one smoothing) fitted on ``train``: the background model of
-    the likelihood-ratio score."""
+    (17 levels, add-one smoothing) fitted on ``train``: the user guide's former
+    recipe, kept as a cross-check of ``outlier_score="likelihood_ratio"``."""
     counts = (
         np.stack([np.bincount(col.astype(int), minlength=17) for col in train.T]) + 1.0
     )
@@ -221,21 +226,27 @@ def auroc_se(auroc, n_pos, n_neg):
 
 
 def flow_detector(name, train, test, Ytr, Yte, quick, seed=0):
+    """``(log-density, likelihood ratio or None, seconds, info)`` of one fit."""
     params = {**FLOWS[name], "random_state": seed}
     if quick:
         params.update(max_iter=3)
     continuous = "n_bins" not in params
+    if not continuous:  # the background costs one pass; the flow fit is the same
+        params.update(outlier_score="likelihood_ratio")
     fit_X, score_X = (Ytr, Yte) if continuous else (train, test)
     det, seconds = timed(lambda: ResidualFlowOutlierDetector(**params).fit(fit_X))
+    ratio = None if continuous else det.score_samples(score_X)
+    # The log-density of the same fit (background_ and the flow stay as fitted).
+    det.set_params(outlier_score="log_density")
     info = {
         "n_iter": det.n_iter_,
         "train_log_density": float(det.score(fit_X)),
         "val_loss": det.history_[-1].get("val_loss"),
     }
-    return det, det.score_samples(score_X), seconds, info
+    return det.score_samples(score_X), ratio, seconds, info
 
 
-def run_split(split, inliers, flows, baselines, quick, threads, seed=0):
+def run_split(split, inliers, flows, baselines, quick, threads, seed=0, label_tag=None):
     """Rows of the ``flows`` detectors (and of the sklearn ones if ``baselines``)."""
     torch.set_num_threads(threads)
     train, test, is_inlier = split_data(inliers, quick)
@@ -261,19 +272,22 @@ def run_split(split, inliers, flows, baselines, quick, threads, seed=0):
     with threadpool_limits(threads), warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
         for name in flows:
-            det, scores, seconds, info = flow_detector(
+            scores, ratio, seconds, info = flow_detector(
                 name, train, test, Ytr, Yte, quick, seed
             )
             info["held_out_inlier_log_density"] = float(scores[is_inlier].mean())
             tag = name if seed == 0 else f"{name} (random_state={seed})"
+            tag = tag if label_tag is None else f"{tag} [{label_tag}]"
             record("ResidualFlowOutlierDetector", tag, scores, seconds, **info)
-            if "n_bins" in FLOWS[name]:  # the alternative score, benchmark only
-                ratio = scores - pixel_background(train, test)
+            if ratio is not None:
+                recipe = scores - pixel_background(train, test)
                 record(
                     "ResidualFlowOutlierDetector",
-                    f"{tag}, log p(x) - log p_pixels(x)",
+                    f"{tag}, likelihood_ratio",
                     ratio,
                     seconds,
+                    recipe_max_abs_diff=float(np.max(np.abs(ratio - recipe))),
+                    recipe_auroc=float(roc_auc_score(is_inlier, recipe)),
                 )
         for row in sklearn_detectors(Ytr, Yte, quick) if baselines else ():
             record(*row)
@@ -398,6 +412,12 @@ def main():
         "--random-state", type=int, default=0, help="seed of the flow fits"
     )
     parser.add_argument(
+        "--tag",
+        default=None,
+        help="appended to the flow rows' labels (keeps a rerun's rows apart from "
+        "earlier runs' rows of the same variant in one results file)",
+    )
+    parser.add_argument(
         "--append",
         action="store_true",
         help="add this run's rows to the results file instead of replacing it",
@@ -420,6 +440,7 @@ def main():
         "selection_split": SELECTION_SPLIT,
         "flows": {k: FLOWS[k] for k in args.flows},
         "random_state": args.random_state,
+        "tag": args.tag,
     }
     t0 = time.perf_counter()
     table = splits()
@@ -427,7 +448,7 @@ def main():
     tasks = [(s, table[s], [f], False) for s in args.splits for f in args.flows]
     if not args.no_baselines:
         tasks += [(s, table[s], [], True) for s in args.splits]
-    tasks = [(*t, args.quick, args.threads, args.random_state) for t in tasks]
+    tasks = [(*t, args.quick, args.threads, args.random_state, args.tag) for t in tasks]
     with ProcessPoolExecutor(args.jobs) as pool:
         results = list(pool.map(run_split, *zip(*tasks, strict=True)))
     meta["seconds"] = time.perf_counter() - t0

@@ -28,6 +28,7 @@ _FITTED_ATTRIBUTES = (
     "density_weight_",
     "head_",
     "offset_",
+    "background_",
 )
 
 
@@ -143,7 +144,10 @@ ResidualFlowOutlierDetector
             f"this version reads {sorted(classes)}."
         )
     estimator = cls(**_params(metadata["params"]))
-    return estimator._restore(metadata, payload["state"], device)
+    try:
+        return estimator._restore(metadata, payload["state"], device)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def _read(path):
