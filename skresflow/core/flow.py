@@ -6,7 +6,12 @@ import torch
 from torch import nn
 
 from .blocks import ResidualBlock
-from .lipschitz import LipschitzConv2d, LipschitzLinear, refresh_layers
+from .lipschitz import (
+    LipschitzConv2d,
+    LipschitzLinear,
+    refresh_layers,
+    shared_normalization,
+)
 
 __all__ = ["Flow", "LipschitzError"]
 
@@ -53,13 +58,16 @@ class Flow(nn.Module):
     def forward(self, x, generator=None):
         """Map data to latent: returns ``(z, logdet)`` with the summed log-det."""
         # One batched refresh of the dense layers instead of one per layer (after
-        # an optimizer step every layer is stale). Convolutions refresh in their
-        # own forward: their norm depends on the input size they see there.
-        refresh_layers(m for m in self.modules() if isinstance(m, LipschitzLinear))
+        # an optimizer step every layer is stale), then their normalised weights
+        # computed together. Convolutions refresh in their own forward: their
+        # norm depends on the input size they see there.
+        dense = [m for m in self.modules() if isinstance(m, LipschitzLinear)]
+        refresh_layers(dense)
         logdet = x.new_zeros(x.shape[0])
-        for layer in self.layers:
-            x, ld = layer(x, generator)
-            logdet = logdet + ld
+        with shared_normalization(dense):
+            for layer in self.layers:
+                x, ld = layer(x, generator)
+                logdet = logdet + ld
         return x, logdet
 
     def base_log_prob(self, z):

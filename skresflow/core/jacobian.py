@@ -26,33 +26,34 @@ from .lipschitz import LipschitzLinear
 __all__ = ["branch_jacobian", "branch_logdet", "logabsdet_identity_plus"]
 
 
-def _lipswish(module, h):
-    beta = F.softplus(module.beta)
+def _lipswish(module, h, raw_beta):
+    beta = F.softplus(raw_beta)
     s = torch.sigmoid(beta * h)
     return h * s / 1.1, (s + beta * h * s * (1 - s)) / 1.1
 
 
-def _elu(module, h):
+def _elu(module, h, _):
     slope = torch.where(h > 0, 1.0, module.alpha * torch.exp(h.clamp_max(0)))
     return F.elu(h, module.alpha), slope
 
 
-def _softplus(module, h):
+def _softplus(module, h, _):
     z = module.beta * h  # torch's softplus is linear where z > threshold
     slope = torch.where(z > module.threshold, 1.0, torch.sigmoid(z))
     return F.softplus(h, module.beta, module.threshold), slope
 
 
-def _tanh(module, h):
+def _tanh(module, h, _):
     t = torch.tanh(h)
     return t, 1 - t * t
 
 
-def _relu(module, h):
+def _relu(module, h, _):
     return F.relu(h), (h > 0).to(h.dtype)
 
 
-# Element-wise activations: value and derivative at the pre-activation.
+# Element-wise activations: value and derivative at the pre-activation, given the
+# module and its parameter tensor (LipSwish's raw beta; None for the others).
 _ACTIVATIONS = {
     LipSwish: _lipswish,
     nn.ELU: _elu,
@@ -62,10 +63,73 @@ _ACTIVATIONS = {
 }
 
 
+def _lipswish_backward(module, h, raw_beta, g_value, g_slope):
+    """Back-propagate ``g_value`` (on the LipSwish value) and ``g_slope`` (on its
+    derivative) to the pre-activation ``h`` and the raw parameter ``b``.
+
+    With ``beta = softplus(b)``, ``z = beta h``, ``s = sigmoid(z)``,
+    ``q = s (1 - s)`` and ``c = q (2 + z (1 - 2 s)) / 1.1``: the second
+    derivative is ``beta c``, ``d value / d beta = h^2 q / 1.1`` and
+    ``d slope / d beta = h c``.
+    """
+    beta = F.softplus(raw_beta)
+    z = beta * h
+    s = torch.sigmoid(z)
+    q = s * (1 - s)
+    c = q * (2 + z * (1 - 2 * s)) / 1.1
+    slope = (s + z * q) / 1.1
+    g_h = g_value * slope + g_slope * (beta * c)
+    g_beta = (h * (g_value * h * q / 1.1 + g_slope * c)).sum() * torch.sigmoid(raw_beta)
+    return g_h, g_beta
+
+
+def _second_derivative(module, h):
+    """``a''(h)`` of the parameter-free activations (their value is not needed)."""
+    if isinstance(module, nn.ELU):
+        return torch.where(h > 0, 0.0, module.alpha * torch.exp(h.clamp_max(0)))
+    if isinstance(module, nn.Softplus):
+        z = module.beta * h
+        s = torch.sigmoid(z)
+        return torch.where(z > module.threshold, 0.0, module.beta * s * (1 - s))
+    if isinstance(module, nn.Tanh):
+        t = torch.tanh(h)
+        return -2 * t * (1 - t * t)
+    return torch.zeros_like(h)  # ReLU
+
+
 def _supported(g):
     return isinstance(g, nn.Sequential) and all(
         type(m) is LipschitzLinear or type(m) in _ACTIVATIONS for m in g
     )
+
+
+def _tensors(g):
+    """The tensors a branch's forward pass reads, in module order: per linear
+    layer its normalised weight and bias, per LipSwish its raw ``beta``."""
+    out = []
+    for module in g:
+        if isinstance(module, LipschitzLinear):
+            out += [module.normalized_weight(), module.bias]
+        elif isinstance(module, LipSwish):
+            out.append(module.beta)
+    return out
+
+
+def _run(modules, x, tensors):
+    """``g(x)``, the factors of ``J_g(x)`` and each module's input, from ``tensors``
+    (see :func:`_tensors`); differentiable when called with grad enabled."""
+    h, factors, inputs, it = x, [], [], iter(tensors)
+    for module in modules:
+        inputs.append(h)
+        if isinstance(module, LipschitzLinear):
+            w, b = next(it), next(it)
+            h = F.linear(h, w, b)
+            factors.append(("w", w))
+        else:
+            param = next(it) if isinstance(module, LipSwish) else None
+            h, slope = _ACTIVATIONS[type(module)](module, h, param)
+            factors.append(("d", slope))
+    return h, factors, inputs
 
 
 def _forward_factors(g, x):
@@ -77,35 +141,22 @@ def _forward_factors(g, x):
     """
     if x.dim() != 2 or not _supported(g):
         return None
-    h, factors = x, []
-    for module in g:
-        if isinstance(module, LipschitzLinear):
-            w = module.normalized_weight()
-            h = F.linear(h, w, module.bias)
-            factors.append(("w", w))
-        else:
-            h, slope = _ACTIVATIONS[type(module)](module, h)
-            factors.append(("d", slope))
+    h, factors, _ = _run(list(g), x, _tensors(g))
     return h, factors
 
 
-def _product(factors):
-    """``F_n ... F_1`` as ``(batch, m, k)``, or ``(m, k)`` while no diagonal came
-    in, or ``None`` for an empty list (the identity). Adjacent weights are
-    multiplied together first, without the batch dimension."""
-    merged = []
+def _prefixes(factors):
+    """Partial products ``P_0 = None`` (the identity), ``P_i = F_i P_{i-1}``:
+    ``(batch, m, k)``, or ``(m, k)`` while no diagonal came in."""
+    prefixes = [None]
     for kind, f in factors:
-        if kind == "w" and merged and merged[-1][0] == "w":
-            merged[-1] = ("w", f @ merged[-1][1])
-        else:
-            merged.append((kind, f))
-    m = None
-    for kind, f in merged:
+        p = prefixes[-1]
         if kind == "w":
-            m = f if m is None else f @ m
+            p = f if p is None else f @ p
         else:
-            m = torch.diag_embed(f) if m is None else f.unsqueeze(-1) * m
-    return m
+            p = torch.diag_embed(f) if p is None else f.unsqueeze(-1) * p
+        prefixes.append(p)
+    return prefixes
 
 
 def branch_jacobian(g, x):
@@ -129,10 +180,165 @@ def branch_jacobian(g, x):
     if result is None:
         return None
     h, factors = result
-    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-    jac = _product(factors)
-    jac = eye if jac is None else jac
+    jac = _prefixes(factors)[-1]
+    if jac is None:
+        jac = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
     return h, jac.expand(x.shape[0], -1, -1)
+
+
+def _narrowest_cut(modules, d):
+    """Boundary (between modules) of least width; among equals, one followed by a
+    weight, so that the rotated product starts without a batch dimension."""
+    widths, width = [d], d
+    for module in modules:
+        width = module.out_features if isinstance(module, LipschitzLinear) else width
+        widths.append(width)
+    return min(
+        range(len(modules)),
+        key=lambda i: (widths[i], not isinstance(modules[i], LipschitzLinear)),
+        default=0,
+    )
+
+
+def _rotated(factors, cut):
+    """Factors from the cut on, then those before it, tagged with their module."""
+    order = list(range(cut, len(factors))) + list(range(cut))
+    return [(i, *factors[i]) for i in order]
+
+
+def _reference_logdet(modules, cut, x, tensors):
+    """The closed-form log-det through autograd: the oracle of
+    :class:`_ClosedFormLogdet` and its double-backward path."""
+    h, factors, _ = _run(modules, x, tensors)
+    m = _prefixes([f[1:] for f in _rotated(factors, cut)])[-1]
+    return h, logabsdet_identity_plus(m.expand(x.shape[0], -1, -1))
+
+
+def _transposed_prefixes(rotated):
+    """``P_i^T`` for the prefixes of :func:`_prefixes`: ``(batch, k, m)`` (or
+    ``(k, m)``, ``None`` for the identity), so that every product with a weight is
+    one matrix product on a ``(batch * k, m)`` view."""
+    prefixes = [None]
+    for _, kind, f in rotated:
+        p = prefixes[-1]
+        if kind == "w":
+            p = f.T if p is None else p @ f.T
+        else:
+            p = torch.diag_embed(f) if p is None else p * f.unsqueeze(-2)
+        prefixes.append(p)
+    return prefixes
+
+
+class _ClosedFormLogdet(torch.autograd.Function):
+    """``g(x)`` and ``log|det(I + J_g(x))|`` of an MLP branch with a hand-written
+    backward pass.
+
+    Forward: one pass through the branch and the rotated product ``M`` of the
+    Jacobian's factors (see :func:`branch_logdet`), kept transposed. Backward:
+    with ``G = dL/dlogdet (I + M)^{-T}``, the gradient of factor ``F_i`` of
+    ``M = F_n ... F_1`` is ``(F_n ... F_{i+1})^T G (F_{i-1} ... F_1)^T`` (for a
+    diagonal factor, the diagonal of it); the slopes' gradients then join the
+    value's on the way back through the branch, via the activations' second
+    derivatives. A second differentiation (``create_graph=True``)
+    differentiates :func:`_reference_logdet` instead.
+    """
+
+    @staticmethod
+    def forward(ctx, modules, cut, x, *tensors):
+        h, factors, inputs = _run(modules, x, tensors)
+        rotated = _rotated(factors, cut)
+        prefixes = _transposed_prefixes(rotated)
+        ctx.save_for_backward(x, *tensors)
+        ctx.modules, ctx.cut = modules, cut
+        ctx.factors, ctx.inputs, ctx.rotated, ctx.prefixes = (
+            factors,
+            inputs,
+            rotated,
+            prefixes,
+        )
+        return h, logabsdet_identity_plus(prefixes[-1].expand(x.shape[0], -1, -1))
+
+    @staticmethod
+    def backward(ctx, g_out, g_logdet):
+        x, *tensors = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            grads = _differentiable_backward(ctx, x, tensors, g_out, g_logdet)
+            return None, None, *grads
+        modules, b = ctx.modules, x.shape[0]
+        # Gradients of the factors of M, all transposed: q = Q_i^T, (batch, k, m).
+        n = ctx.prefixes[-1].expand(b, -1, -1)  # M^T
+        q = g_logdet[:, None, None] * _inverse_identity_plus(n).transpose(1, 2)
+        k = q.shape[1]
+        g_weight, g_slope = {}, {}
+        for i in reversed(range(len(ctx.rotated))):
+            index, kind, f = ctx.rotated[i]
+            p = ctx.prefixes[i]
+            if kind == "w":
+                if p is None:
+                    g_weight[index] = q.sum(0).T
+                elif p.dim() == 2:
+                    g_weight[index] = q.sum(0).T @ p
+                else:
+                    g_weight[index] = q.reshape(b * k, -1).T @ p.reshape(b * k, -1)
+                if i:
+                    q = q @ f
+            else:
+                g_slope[index] = (
+                    q.diagonal(dim1=1, dim2=2) if p is None else (q * p).sum(1)
+                )
+                if i:
+                    q = q * f.unsqueeze(-2)
+        # Back through the branch, the slopes' gradients joining in.
+        grads, t, g_h = [None] * len(tensors), len(tensors), g_out
+        for index in reversed(range(len(modules))):
+            module, inp = modules[index], ctx.inputs[index]
+            if isinstance(module, LipschitzLinear):
+                t -= 2
+                grads[t] = torch.addmm(g_weight[index], g_h.T, inp)
+                if tensors[t + 1] is not None:
+                    grads[t + 1] = g_h.sum(0)
+                g_h = g_h @ tensors[t]
+            elif isinstance(module, LipSwish):
+                t -= 1
+                g_h, grads[t] = _lipswish_backward(
+                    module, inp, tensors[t], g_h, g_slope[index]
+                )
+            else:
+                slope = ctx.factors[index][1]
+                g_h = g_h * slope + g_slope[index] * _second_derivative(module, inp)
+        return None, None, g_h, *grads
+
+
+def _differentiable_backward(ctx, x, tensors, g_out, g_logdet):
+    inputs = (x, *tensors)
+    wanted = [
+        i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i + 2]
+    ]
+    out, logdet = _reference_logdet(ctx.modules, ctx.cut, x, tensors)
+    found = torch.autograd.grad(
+        (out, logdet),
+        [inputs[i] for i in wanted],
+        (g_out, g_logdet),
+        create_graph=True,
+        allow_unused=True,
+    )
+    grads = [None] * len(inputs)
+    for i, grad in zip(wanted, found, strict=True):
+        grads[i] = grad
+    return grads
+
+
+def _inverse_identity_plus(m):
+    """``(I + m)^{-1}`` of a ``(batch, k, k)`` stack; closed form for k <= 2."""
+    k = m.shape[-1]
+    if k == 1:
+        return 1 / (1 + m)
+    if k == 2:
+        a, b, c, e = 1 + m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], 1 + m[:, 1, 1]
+        inv = torch.stack([e, -b, -c, a], dim=1) / (a * e - b * c).unsqueeze(1)
+        return inv.view(-1, 2, 2)
+    eye = torch.eye(k, dtype=m.dtype, device=m.device)
+    return torch.linalg.inv(eye + m)
 
 
 def branch_logdet(g, x):
@@ -142,29 +348,18 @@ def branch_logdet(g, x):
     ``J = A B`` split at any layer boundary, ``det(I + A B) = det(I + B A)``
     (Sylvester's identity), so a branch ``d -> h -> ... -> d`` with a hidden
     width ``m < d`` needs an ``m x m`` determinant of the cyclically rotated
-    product instead of the ``d x d`` one. Same arguments as
+    product instead of the ``d x d`` one. Gradients come from a hand-written
+    backward pass (:class:`_ClosedFormLogdet`), several times cheaper than
+    autograd on this chain of small operations. Same arguments as
     :func:`branch_jacobian`.
     """
-    result = _forward_factors(g, x)
-    if result is None:
+    if x.dim() != 2 or not _supported(g):
         return None
-    h, factors = result
-    # Width of the space after each factor; boundary 0 is the input (width d).
-    widths, width = [x.shape[1]], x.shape[1]
-    for kind, f in factors:
-        width = f.shape[0] if kind == "w" else width
-        widths.append(width)
-    # Narrowest boundary; among equals, one followed by a weight, so that the
-    # product starts without a batch dimension.
-    cut = min(
-        range(len(factors)),
-        key=lambda i: (widths[i], factors[i][0] != "w"),
-        default=0,
-    )
-    m = _product(factors[cut:] + factors[:cut])
-    if m is None:  # an empty branch: g(x) = x, log det I = 0
-        return h, x.new_zeros(x.shape[0])
-    return h, logabsdet_identity_plus(m.expand(x.shape[0], -1, -1))
+    modules = list(g)
+    if not modules:  # an empty branch: g(x) = x, log det I = 0
+        return x, x.new_zeros(x.shape[0])
+    cut = _narrowest_cut(modules, x.shape[1])
+    return _ClosedFormLogdet.apply(modules, cut, x, *_tensors(g))
 
 
 def logabsdet_identity_plus(m):

@@ -14,12 +14,19 @@ computations of equal-shape layers (a :class:`~skresflow.core.Flow` does this
 once per forward pass).
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["LipschitzLinear", "LipschitzConv2d", "refresh_layers"]
+__all__ = [
+    "LipschitzLinear",
+    "LipschitzConv2d",
+    "refresh_layers",
+    "shared_normalization",
+]
 
 _OPTIMIZER_STEPS = [0]
 
@@ -114,6 +121,53 @@ def _refresh_exact(layers):
             layer._v.copy_(v_i)
             layer._key = layer._weight_key()
             layer.last_power_iter = 0
+
+
+@contextlib.contextmanager
+def shared_normalization(layers):
+    """Normalise the weights of many dense layers at once, for one forward pass.
+
+    Inside the ``with`` block, every :class:`LipschitzLinear` in ``layers``
+    returns from :meth:`~LipschitzLinear.normalized_weight` a weight computed
+    together with those of its equal-shape peers: one stacked set of tensor
+    operations per shape instead of a dozen small ones per layer (and as many
+    in backward), with the same values and gradients. Only in training mode with
+    gradients enabled, where ``sigma`` is differentiable; elsewhere the
+    per-layer path is already a single division. Layers must be refreshed
+    first (:func:`refresh_layers`). A :class:`~skresflow.core.Flow` uses this
+    in its forward pass.
+    """
+    layers = [m for m in layers if type(m) is LipschitzLinear]
+    if not (layers and layers[0].training and torch.is_grad_enabled()):
+        yield
+        return
+    groups = {}
+    for layer in layers:
+        w = layer.weight
+        groups.setdefault((tuple(w.shape), w.dtype, w.device), []).append(layer)
+    try:
+        for group in groups.values():
+            for layer, w in zip(group, _normalized_together(group), strict=True):
+                layer._shared_weight = w
+        yield
+    finally:
+        for layer in layers:
+            layer._shared_weight = None
+
+
+def _normalized_together(layers):
+    """``W / max(1, sigma / coeff)`` for equal-shape layers, with the
+    differentiable ``sigma = stored + (u^T W v - stop_gradient(u^T W v))`` of
+    :meth:`LipschitzLinear._current_sigma`."""
+    w = torch.stack([layer.weight for layer in layers])
+    with torch.no_grad():
+        u = torch.stack([layer._u for layer in layers]).to(w)
+        v = torch.stack([layer._v for layer in layers]).to(w)
+        sigma = torch.stack([layer.sigma for layer in layers]).to(w)
+        coeff = w.new_tensor([layer.coeff for layer in layers])
+    s = _rayleigh(w, u, v)
+    scale = torch.clamp((sigma + (s - s.detach())) / coeff, min=1.0)
+    return (w / scale[:, None, None]).unbind(0)
 
 
 def _keep_if_near(stored, s, rtol):
@@ -239,6 +293,8 @@ class _LipschitzMixin:
 
     def normalized_weight(self):
         """The weight divided by ``max(1, sigma / coeff)``."""
+        if getattr(self, "_shared_weight", None) is not None:
+            return self._shared_weight  # see shared_normalization
         self.refresh()
         w = self.weight
         return w / torch.clamp(self._current_sigma(w) / self.coeff, min=1.0)

@@ -325,3 +325,88 @@ def test_conv_normalisation_before_any_forward_raises_a_clear_error():
     layer = LipschitzConv2d(2, 3, 3)
     with pytest.raises(RuntimeError, match="run a forward pass"):
         layer.normalized_weight()
+
+
+def _flow_of_mlp_blocks(estimator, grad, seed=0):
+    from skresflow.core import ActNorm, Flow, ResidualBlock, mlp_branch
+
+    torch.manual_seed(seed)
+    layers = []
+    for _ in range(3):
+        branch = mlp_branch(3, (5, 4), coeff=0.9).to(DTYPE)
+        layers += [ActNorm(3).to(DTYPE),
+                   ResidualBlock(branch, estimator=estimator, grad=grad)]
+    return Flow(layers, (3,))
+
+
+def test_shared_normalization_gives_the_per_layer_weights_and_gradients():
+    layers = [LipschitzLinear(4, 3, coeff=c).to(DTYPE) for c in (0.5, 0.9, 2.0)]
+    layers.append(LipschitzLinear(3, 3, coeff=0.7).to(DTYPE))
+    for i, layer in enumerate(layers):
+        with torch.no_grad():
+            layer.weight.mul_(1 + i)  # some normalised, one (coeff 2.0) not
+    lipschitz.refresh_layers(layers)
+    direct = [layer.normalized_weight() for layer in layers]
+    with lipschitz.shared_normalization(layers):
+        shared = [layer.normalized_weight() for layer in layers]
+        assert all(layer._shared_weight is not None for layer in layers)
+    assert all(layer._shared_weight is None for layer in layers)
+    weights = [layer.weight for layer in layers]
+    for d, s in zip(direct, shared, strict=True):
+        torch.testing.assert_close(s, d, rtol=0, atol=1e-15)
+    c = [randn(*w.shape, seed=i) for i, w in enumerate(direct)]
+
+    def grads(normalized):
+        loss = sum((a * w).sum() for a, w in zip(c, normalized, strict=True))
+        return torch.autograd.grad(loss, weights)
+
+    g_direct, g_shared = grads(direct), grads(shared)
+    for d, s in zip(g_direct, g_shared, strict=True):
+        assert d.abs().max() > 0
+        torch.testing.assert_close(s, d, rtol=0, atol=1e-14)
+
+
+def test_shared_normalization_is_inactive_without_gradients_and_cleared_on_error():
+    layer = LipschitzLinear(3, 3).to(DTYPE)
+    layer.refresh()
+    with torch.no_grad(), lipschitz.shared_normalization([layer]):
+        assert getattr(layer, "_shared_weight", None) is None
+    with pytest.raises(RuntimeError, match="boom"):
+        with lipschitz.shared_normalization([layer]):
+            assert layer._shared_weight is not None
+            raise RuntimeError("boom")
+    assert layer._shared_weight is None
+
+
+@pytest.mark.parametrize("estimator, grad", [
+    ("exact", "naive"), ("unbiased", "naive"), ("unbiased", "neumann"),
+    ("unbiased", "backward_in_forward"), ("unbiased", "memory_efficient"),
+])
+def test_flow_gradients_are_those_of_per_layer_normalization(
+    estimator, grad, monkeypatch
+):
+    """Flow.forward normalises its dense layers together; every log-det gradient
+    mode must give the gradients of the per-layer path."""
+    x = randn(6, 3, seed=1)
+
+    def grads(shared):
+        if not shared:
+            monkeypatch.setattr(lipschitz, "_normalized_together", lambda layers: [
+                layer.weight / torch.clamp(layer._current_sigma(layer.weight)
+                                           / layer.coeff, min=1.0)
+                for layer in layers])
+        flow = _flow_of_mlp_blocks(estimator, grad).train()
+        gen = torch.Generator().manual_seed(3)
+        loss = -flow.log_prob(x, gen).mean()
+        out = torch.autograd.grad(loss, list(flow.parameters()), allow_unused=True)
+        monkeypatch.undo()
+        return loss.detach(), out
+
+    loss_s, g_s = grads(True)
+    loss_d, g_d = grads(False)
+    torch.testing.assert_close(loss_s, loss_d, rtol=0, atol=1e-12)
+    for s, d in zip(g_s, g_d, strict=True):
+        if d is None:
+            assert s is None or not s.abs().max() > 0
+        else:
+            torch.testing.assert_close(s, d, rtol=0, atol=1e-11)
