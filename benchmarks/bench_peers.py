@@ -45,6 +45,8 @@ Usage::
 
     python benchmarks/bench_peers.py                  # writes docs/benchmarks/
     python benchmarks/bench_peers.py --quick --no-write
+    python benchmarks/bench_peers.py --train-only --no-zuko --big-score-rows 0 \\
+        --no-write                                    # training only
 """
 
 import argparse
@@ -311,8 +313,9 @@ def compare(d, cfg):
     for name in models:
         result["train_steps_per_s"][name] = statistics.median(train[name])
         result["peak_train_mb"][name] = peak_memory_mb(lib[name], models[name], X, cfg)
-    result["score_rows_per_s"] = score_all(d, cfg, X, models, lib)
-    result["sampling"] = sampling(ours_u, cfg, cfg.sample_rows, cfg.repeats)
+    if not cfg.train_only:
+        result["score_rows_per_s"] = score_all(d, cfg, X, models, lib)
+        result["sampling"] = sampling(ours_u, cfg, cfg.sample_rows, cfg.repeats)
     return result
 
 
@@ -345,20 +348,24 @@ def score_all(d, cfg, X, models, lib):
 
 
 def ratios(result):
-    t, s = result["train_steps_per_s"], result["sampling"]
-    sc, mem = result["score_rows_per_s"], result["peak_train_mb"]
+    t, mem = result["train_steps_per_s"], result["peak_train_mb"]
     out = {
         "train ours/normflows": t["ours"] / t["normflows"],
         "peak memory ours/normflows": mem["ours"] / mem["normflows"],
-        "sample API ours/normflows": s["ours Flow.sample()"]["rows_per_s"]
-        / s["normflows sample()"]["rows_per_s"],
-        "invert (equal tol) ours auto/normflows": s["ours invert auto"]["rows_per_s"]
-        / s["normflows invert"]["rows_per_s"],
     }
     if "ours (exact log-det)" in t:
         out["train exact ours/normflows brute-force"] = (
             t["ours (exact log-det)"] / t["normflows (brute-force log-det)"]
         )
+    if "sampling" not in result:  # --train-only
+        return out
+    s, sc = result["sampling"], result["score_rows_per_s"]
+    out["sample API ours/normflows"] = (
+        s["ours Flow.sample()"]["rows_per_s"] / s["normflows sample()"]["rows_per_s"]
+    )
+    out["invert (equal tol) ours auto/normflows"] = (
+        s["ours invert auto"]["rows_per_s"] / s["normflows invert"]["rows_per_s"]
+    )
     nf_unb = sc.get("normflows unbiased (20 exact terms)")
     if nf_unb:
         out["score unbiased ours/normflows"] = (
@@ -432,6 +439,11 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-zuko", action="store_true")
+    p.add_argument(
+        "--train-only",
+        action="store_true",
+        help="training steps/s and peak memory only (no scoring, sampling)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes, smoke test")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--out", default=OUT)

@@ -25,6 +25,14 @@ One entry point, :func:`logdet_estimate`, with string options:
     formed in the backward pass for the actual per-sample upstream gradients.
     ``"memory_efficient"``: both; the default.
 
+MLP branches (:class:`torch.nn.Sequential` of
+:class:`~skresflow.core.LipschitzLinear` layers and element-wise activations) get
+the series' vector-Jacobian products in closed form from the factors of their
+Jacobian (``skresflow.core._mlp_series``): a chain of small matrix and
+element-wise products per term instead of an autograd pass through ``g``, and
+plain back-propagation through those products instead of a double backward.
+Same draws, same value and gradient to rounding; any other branch uses autograd.
+
 The value returned is always the honest estimate of the chosen estimator; only
 the gradient depends on ``grad``. All random draws (roulette length first, then
 the probes) come from ``generator``, in the same order in every mode.
@@ -40,6 +48,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
+from ._mlp_series import mlp_series_branch
 from .jacobian import branch_logdet, logabsdet_identity_plus
 
 __all__ = ["logdet_estimate", "residual_logdet", "row_hash", "ESTIMATORS", "GRAD_MODES"]
@@ -175,15 +184,7 @@ def residual_logdet(
             gx, logdet = _exact(g, xg, create_graph=needs_grad)
         else:
             gx, logdet = _series_estimate(
-                g,
-                xg,
-                estimator,
-                n_exact_terms,
-                grad,
-                generator,
-                opts,
-                params,
-                needs_grad,
+                g, xg, estimator, n_exact_terms, grad, generator, opts, needs_grad
             )
     if not needs_grad:
         gx, logdet = gx.detach(), logdet.detach()
@@ -344,28 +345,65 @@ def _probes(x, opts, generator):
     return v.reshape(n_probes * b, *event)
 
 
-def _power_series(gx, x, v, coeffs, *, create_graph, want_w):
+def _power_series(vjp, v, coeffs, *, create_graph, want_w):
     """Series value per row and, if asked, the Neumann vector w (no graph)."""
     u, est, w = v, torch.zeros(v.shape[0], dtype=v.dtype, device=v.device), None
     for k, c in enumerate(coeffs, start=1):
         sign = 1.0 if k % 2 else -1.0
         if want_w:
             w = sign * c * u if w is None else w + sign * c * u
-        u = _vjp(gx, x, u, create_graph)
+        u = vjp(u, create_graph)
         est = est + (sign * c / k) * _dot(u, v)
     return est, w
 
 
-def _series_estimate(
-    g, x, estimator, n_exact_terms, grad, generator, opts, params, needs_grad
-):
+def _branch(g, x, n_probes, needs_grad):
+    """``g(x)`` and the vector-Jacobian products of the series, on the
+    probe-repeated rows.
+
+    MLP branches get closed-form products of their Jacobian factors
+    (:func:`~skresflow.core._mlp_series.mlp_series_branch`): no autograd pass per
+    term, and plain back-propagation instead of a double backward. Any other
+    branch uses autograd's vector-Jacobian products through ``g``.
+    """
+    closed_form = mlp_series_branch(g, x, n_probes, needs_grad)
+    return closed_form if closed_form is not None else _AutogradBranch(g, x, n_probes)
+
+
+class _AutogradBranch:
+    """Vector-Jacobian products by autograd through ``g``; the deferred gradient
+    goes to ``x`` and the parameters directly, through ``g``'s retained graph.
+    ``gx`` is among :attr:`inputs` so that the deferred node runs before the
+    path-wise graph of ``g(x)`` is released; its graph is reused, not recomputed.
+    """
+
+    def __init__(self, g, x, n_probes):
+        self.x_in = x.repeat(n_probes, *([1] * (x.dim() - 1))) if n_probes > 1 else x
+        self.gx_in = g(self.x_in)
+        self.gx = self.gx_in[: x.shape[0]]
+        self.params = [p for p in g.parameters() if p.requires_grad]
+        self.inputs = (x, self.gx_in, *self.params)
+
+    def vjp(self, u, create_graph):
+        return _vjp(self.gx_in, self.x_in, u, create_graph)
+
+    def gradients(self, objective, upstream):
+        with torch.enable_grad():
+            scalar = objective(upstream, self.vjp)
+            wrt = (self.inputs[0], *self.params)
+            grads = torch.autograd.grad(
+                scalar, wrt, retain_graph=True, allow_unused=True
+            )
+        return (grads[0], None, *grads[1:])
+
+
+def _series_estimate(g, x, estimator, n_exact_terms, grad, generator, opts, needs_grad):
     shared, local = split_generator(generator)
     coeffs = _roulette(estimator, n_exact_terms, opts, shared)
     v = _probes(x, opts, local)
     n_probes, b = opts["n_probes"], x.shape[0]
-    x_in = x.repeat(n_probes, *([1] * (x.dim() - 1))) if n_probes > 1 else x
-    gx_in = g(x_in)
-    gx = gx_in[:b]
+    branch = _branch(g, x, n_probes, needs_grad)
+    gx, vjp = branch.gx, branch.vjp
 
     def average(rows):
         return rows.view(n_probes, b).mean(0)
@@ -373,56 +411,47 @@ def _series_estimate(
     if not coeffs:
         return gx, torch.zeros(b, dtype=x.dtype, device=x.device)
     if not needs_grad or grad == "naive":
-        est, _ = _power_series(
-            gx_in, x_in, v, coeffs, create_graph=needs_grad, want_w=False
-        )
+        est, _ = _power_series(vjp, v, coeffs, create_graph=needs_grad, want_w=False)
         return gx, average(est)
     neumann = grad in ("neumann", "memory_efficient")
     with torch.no_grad():
-        est, w = _power_series(
-            gx_in, x_in, v, coeffs, create_graph=False, want_w=neumann
-        )
+        est, w = _power_series(vjp, v, coeffs, create_graph=False, want_w=neumann)
     value = average(est)
     if grad == "neumann":
-        surrogate = average(_dot(_vjp(gx_in, x_in, w, True), v))
+        surrogate = average(_dot(vjp(w, True), v))
         return gx, value + (surrogate - surrogate.detach())
 
-    def weighted_objective(upstream):
+    def weighted_objective(upstream, vjp):
         # upstream: dL/dlogdet per row; each probe row carries 1/n_probes of it.
         a = upstream.repeat(n_probes) / n_probes
         if neumann:
             a_w = w * a.view(-1, *([1] * (w.dim() - 1)))
-            return _dot(_vjp(gx_in, x_in, a_w, True), v).sum()
-        series, _ = _power_series(
-            gx_in, x_in, v, coeffs, create_graph=True, want_w=False
-        )
+            return _dot(vjp(a_w, True), v).sum()
+        series, _ = _power_series(vjp, v, coeffs, create_graph=True, want_w=False)
         return (a * series).sum()
 
-    return gx, _DeferredLogdet.apply(value, weighted_objective, x, gx_in, *params)
+    def gradients(upstream):
+        return branch.gradients(weighted_objective, upstream)
+
+    return gx, _DeferredLogdet.apply(value, gradients, *branch.inputs)
 
 
 class _DeferredLogdet(torch.autograd.Function):
     """Log-det value whose gradient is formed in the backward pass, per block.
 
-    Nothing but the probes and draws (captured by ``objective``) is kept between
-    forward and backward. ``gx`` is an input so that this node runs before the
-    path-wise graph of ``g(x)`` is released; its graph is reused, not recomputed.
-    The gradient is that of ``sum_i a_i logdet_i`` for the actual upstream
+    Nothing but the probes and draws (captured by ``gradients``) is kept between
+    forward and backward. ``gradients(upstream)`` returns the gradient of
+    ``sum_i a_i logdet_i`` with respect to ``inputs`` for the actual upstream
     gradients ``a_i``, so per-sample weights are honoured exactly (the reference
     implementation scales every sample by the first sample's upstream gradient).
     """
 
     @staticmethod
-    def forward(ctx, value, objective, x, gx, *params):
-        ctx.objective, ctx.inputs = objective, (x, *params)
+    def forward(ctx, value, gradients, *inputs):
+        ctx.gradients = gradients
         return value.clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, upstream):
-        with torch.enable_grad():
-            scalar = ctx.objective(upstream)
-            grads = torch.autograd.grad(
-                scalar, ctx.inputs, retain_graph=True, allow_unused=True
-            )
-        return (None, None, grads[0], None, *grads[1:])
+        return (None, None, *ctx.gradients(upstream))

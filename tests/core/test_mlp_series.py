@@ -1,0 +1,107 @@
+"""The closed-form series of MLP branches (skresflow.core._mlp_series) against the
+autograd path: same generator draws, same value and gradients to rounding, in every
+gradient mode, for both series estimators and every activation."""
+
+import pytest
+import torch
+from oracles import DTYPE, fill_parameters_, randn, seeded, weighted_grads
+
+from skresflow.core import GRAD_MODES, conv_branch, logdet_estimate, mlp_branch
+from skresflow.core._mlp_series import mlp_series_branch
+from skresflow.core.activations import ACTIVATIONS
+
+
+class Opaque(torch.nn.Module):
+    """The same function and parameters as ``g``, hidden from the closed form."""
+
+    def __init__(self, g):
+        super().__init__()
+        self.g = g
+
+    def forward(self, x):
+        return self.g(x)
+
+
+def branch(d, hidden, activation, preactivation, seed):
+    g = mlp_branch(
+        d, hidden, coeff=0.9, activation=activation, preactivation=preactivation
+    ).to(DTYPE)
+    return fill_parameters_(g, seed)
+
+
+# (d, hidden widths, seed, options): hidden layers narrower and wider than d; seeds
+# for which no row has a ReLU Jacobian of zero.
+SHAPES = [
+    (4, (2,), 4, {"n_probes": 1}),
+    (3, (7, 5), 1, {"n_probes": 2, "probe": "rademacher", "roulette": "poisson"}),
+]
+
+
+@pytest.mark.parametrize("shape", range(len(SHAPES)), ids=["narrow", "wide"])
+@pytest.mark.parametrize("preactivation", [False, True], ids=["post", "pre"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("estimator", ["unbiased", "truncated"])
+@pytest.mark.parametrize("grad", GRAD_MODES)
+def test_closed_form_equals_autograd_for_same_draws(
+    grad, estimator, activation, preactivation, shape
+):
+    d, hidden, seed, options = SHAPES[shape]
+    g = branch(d, hidden, activation, preactivation, seed)
+    x = randn(5, d, seed=20 + seed, scale=1.5)
+    assert mlp_series_branch(g, x, 1, False) is not None  # the closed form applies
+    leaf, a = x.clone().requires_grad_(), randn(5, seed=21)  # per-row weights
+    kwargs = {"estimator": estimator, "n_exact_terms": 3, "grad": grad, **options}
+
+    def estimate(module):
+        return lambda _, x: logdet_estimate(module, x, generator=seeded(4), **kwargs)
+
+    value, grads = weighted_grads(estimate(g), g, leaf, a)
+    expected_value, expected = weighted_grads(estimate(Opaque(g)), g, leaf, a)
+    assert grads.abs().max() > 1e-3
+    torch.testing.assert_close(value, expected_value, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("grad", GRAD_MODES)
+def test_closed_form_without_gradients_equals_autograd(grad):
+    g, x = branch(3, (6,), "lipswish", True, seed=5), randn(4, 3, seed=6)
+    with torch.no_grad():
+        closed = logdet_estimate(g, x, grad=grad, generator=seeded(7))
+        auto = logdet_estimate(Opaque(g), x, grad=grad, generator=seeded(7))
+    assert closed.grad_fn is None
+    torch.testing.assert_close(closed, auto, rtol=1e-12, atol=1e-13)
+
+
+def test_closed_form_applies_to_mlp_branches_only():
+    x = randn(2, 3, seed=0)
+    assert mlp_series_branch(branch(3, (4,), "elu", False, 0), x, 1, False) is not None
+    assert (
+        mlp_series_branch(Opaque(branch(3, (4,), "elu", False, 0)), x, 1, False) is None
+    )
+    assert (
+        mlp_series_branch(torch.nn.Sequential(torch.nn.Linear(3, 3)), x, 1, False)
+        is None
+    )
+    image = randn(2, 2, 3, 3, seed=1)
+    assert mlp_series_branch(conv_branch(2, 4).to(DTYPE), image, 1, False) is None
+
+
+@pytest.mark.parametrize(
+    "grad, d, options",
+    [
+        ("naive", 3, {"n_probes": 2}),
+        ("backward_in_forward", 3, {}),
+        ("neumann", 1, {}),  # Neumann is the exact derivative in one dimension
+        ("memory_efficient", 3, {"estimator": "truncated", "n_exact_terms": 1}),
+    ],
+)
+def test_gradcheck_closed_form(grad, d, options):
+    # eval(): sigma is the stored buffer in value and gradient alike (gradcheck
+    # perturbs weights through .data, which triggers no refresh).
+    g = branch(d, (4,), "lipswish", True, seed=8).eval()
+    x = randn(2, d, seed=9)
+
+    def fn(x, *params):
+        return logdet_estimate(g, x, grad=grad, generator=seeded(3), **options)
+
+    assert torch.autograd.gradcheck(fn, (x.requires_grad_(), *g.parameters()))
