@@ -83,8 +83,11 @@ class Flow(nn.Module):
         """Map latent to data; with ``check``, verify every block is invertible."""
         if check:
             self.check_invertible()
-        for layer in reversed(self.layers):
-            z = layer.inverse(z)
+        dense = [m for m in self.modules() if isinstance(m, LipschitzLinear)]
+        refresh_layers(dense)
+        with shared_normalization(dense):
+            for layer in reversed(self.layers):
+                z = layer.inverse(z)
         return z
 
     def sample(self, n_samples, generator=None, *, dtype=None, device=None):

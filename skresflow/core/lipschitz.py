@@ -125,30 +125,38 @@ def _refresh_exact(layers):
 
 @contextlib.contextmanager
 def shared_normalization(layers):
-    """Normalise the weights of many dense layers at once, for one forward pass.
+    """Normalise the weights of many dense layers once, for a whole pass.
 
     Inside the ``with`` block, every :class:`LipschitzLinear` in ``layers``
-    returns from :meth:`~LipschitzLinear.normalized_weight` a weight computed
-    together with those of its equal-shape peers: one stacked set of tensor
-    operations per shape instead of a dozen small ones per layer (and as many
-    in backward), with the same values and gradients. Only in training mode with
-    gradients enabled, where ``sigma`` is differentiable; elsewhere the
-    per-layer path is already a single division. Layers must be refreshed
-    first (:func:`refresh_layers`). A :class:`~skresflow.core.Flow` uses this
-    in its forward pass.
+    returns from :meth:`~LipschitzLinear.normalized_weight` a weight computed on
+    entry, with the same value and gradient as its own computation:
+
+    - in training mode with gradients enabled (a training forward pass), computed
+      together with its equal-shape peers, with the differentiable ``sigma``: one
+      stacked set of tensor operations per shape instead of a dozen small ones per
+      layer, and as many in backward;
+    - with gradients disabled (scoring, inversion), computed once without a
+      graph instead of at every call (the fixed-point inverse calls each branch
+      many times); calls made with gradients enabled inside the block compute
+      their own.
+
+    Layers must be refreshed first (:func:`refresh_layers`). A
+    :class:`~skresflow.core.Flow` uses this in its forward and inverse passes.
     """
     layers = [m for m in layers if type(m) is LipschitzLinear]
-    if not (layers and layers[0].training and torch.is_grad_enabled()):
-        yield
-        return
-    groups = {}
-    for layer in layers:
-        w = layer.weight
-        groups.setdefault((tuple(w.shape), w.dtype, w.device), []).append(layer)
     try:
-        for group in groups.values():
-            for layer, w in zip(group, _normalized_together(group), strict=True):
-                layer._shared_weight = w
+        if layers and torch.is_grad_enabled() and layers[0].training:
+            groups = {}
+            for layer in layers:
+                w = layer.weight
+                key = (tuple(w.shape), w.dtype, w.device)
+                groups.setdefault(key, []).append(layer)
+            for group in groups.values():
+                for layer, w in zip(group, _normalized_together(group), strict=True):
+                    layer._shared_weight = w
+        elif not torch.is_grad_enabled():
+            for layer in layers:
+                layer._shared_weight = layer.normalized_weight()
         yield
     finally:
         for layer in layers:
@@ -293,8 +301,9 @@ class _LipschitzMixin:
 
     def normalized_weight(self):
         """The weight divided by ``max(1, sigma / coeff)``."""
-        if getattr(self, "_shared_weight", None) is not None:
-            return self._shared_weight  # see shared_normalization
+        shared = getattr(self, "_shared_weight", None)  # see shared_normalization
+        if shared is not None and (shared.requires_grad or not torch.is_grad_enabled()):
+            return shared
         self.refresh()
         w = self.weight
         return w / torch.clamp(self._current_sigma(w) / self.coeff, min=1.0)
@@ -381,9 +390,17 @@ class LipschitzLinear(_LipschitzMixin, nn.Linear):
         return self._exact_norm()
 
     def _exact_norm(self):
+        # Cached per weight and sigma: every inversion (sampling) checks the bound.
+        self.refresh()
+        key = (self._weight_key(), float(self.sigma), self.coeff)
+        cached = getattr(self, "_norm_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         with torch.no_grad():
             w = self.normalized_weight().double()
-            return torch.linalg.matrix_norm(w, ord=2).item()
+            norm = torch.linalg.matrix_norm(w, ord=2).item()
+        self._norm_cache = (key, norm)
+        return norm
 
 
 class LipschitzConv2d(_LipschitzMixin, nn.Conv2d):

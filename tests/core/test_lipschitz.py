@@ -366,16 +366,35 @@ def test_shared_normalization_gives_the_per_layer_weights_and_gradients():
         torch.testing.assert_close(s, d, rtol=0, atol=1e-14)
 
 
-def test_shared_normalization_is_inactive_without_gradients_and_cleared_on_error():
+def test_shared_normalization_without_gradients_and_cleared_on_error():
     layer = LipschitzLinear(3, 3).to(DTYPE)
+    with torch.no_grad():
+        layer.weight.mul_(3)
     layer.refresh()
+    expected = layer.normalized_weight()
     with torch.no_grad(), lipschitz.shared_normalization([layer]):
-        assert getattr(layer, "_shared_weight", None) is None
+        stored = layer._shared_weight
+        torch.testing.assert_close(stored, expected, rtol=0, atol=0)
+        assert layer.normalized_weight() is stored  # computed once for the pass
+        with torch.enable_grad():  # a call that needs a graph computes its own
+            own = layer.normalized_weight()
+            assert own is not stored and own.requires_grad
     with pytest.raises(RuntimeError, match="boom"):
         with lipschitz.shared_normalization([layer]):
             assert layer._shared_weight is not None
             raise RuntimeError("boom")
     assert layer._shared_weight is None
+
+
+def test_exact_norm_is_cached_until_the_weight_changes():
+    layer = LipschitzLinear(4, 3).to(DTYPE)
+    first = layer.lipschitz_bound()
+    assert layer.lipschitz_bound() == first
+    with torch.no_grad():
+        layer.weight.mul_(0.1)  # now below coeff: the normalised norm changes
+    expected = torch.linalg.matrix_norm(layer.weight.detach(), ord=2).item()
+    assert layer.lipschitz_bound() == pytest.approx(expected, rel=1e-12)
+    assert layer.lipschitz_bound() != pytest.approx(first)
 
 
 @pytest.mark.parametrize("estimator, grad", [
