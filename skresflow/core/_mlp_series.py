@@ -19,10 +19,20 @@ same value and gradient to rounding.
 """
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from .jacobian import _forward_factors
+from .activations import LipSwish
+from .jacobian import (
+    _forward_factors,
+    _lipswish_backward,
+    _run,
+    _second_derivative,
+    _supported,
+    _tensors,
+)
+from .lipschitz import LipschitzLinear
 
-__all__ = ["mlp_series_branch", "MLPSeries"]
+__all__ = ["mlp_series_branch", "MLPSeries", "deferred_neumann"]
 
 
 def mlp_series_branch(g, x, n_probes, needs_grad):
@@ -96,3 +106,123 @@ def vector_jacobian(factors, u):
     for kind, f in reversed(factors):
         u = u @ f if kind == "w" else u * f
     return u
+
+
+def deferred_neumann(g, x, v, series):
+    """``g(x)`` and the series per probe row, with the Neumann gradient formed in
+    a hand-written backward pass; ``None`` for branches without a closed form.
+
+    Parameters
+    ----------
+    g : torch.nn.Module
+    x : torch.Tensor of shape ``(batch, d)``
+    v : torch.Tensor of shape ``(n_probes * batch, d)``
+        The probes, probe-major.
+    series : callable
+        ``series(vjp)`` returns the estimate per probe row and the Neumann
+        vector ``w`` (``logdet._power_series`` with ``want_w=True``).
+
+    Returns
+    -------
+    (gx, est) or None
+        ``est`` has one entry per probe row; its gradient is that of
+        ``w^T J v`` (Neumann), formed only in the backward pass.
+    """
+    if x.dim() != 2 or not _supported(g):
+        return None
+    return _DeferredNeumann.apply(list(g), series, v, x, *_tensors(g))
+
+
+class _DeferredNeumann(torch.autograd.Function):
+    """``g(x)`` and the log-det series of an MLP branch; backward by hand.
+
+    Forward: one pass through the branch (its output, the Jacobian's factors and
+    each module's input), then the series and the Neumann vector ``w`` without
+    a graph. Backward: the gradient of ``sum_i a_i w_i^T J_i v_i`` with respect
+    to each factor ``F_j`` of ``J = F_n ... F_1`` is ``s_j t_{j-1}^T`` (for a
+    diagonal factor its diagonal), with ``t_j = F_j ... F_1 v`` and
+    ``s_j = (F_n ... F_{j+1})^T (a w)``; the slopes' gradients then join the
+    output's on the way back through the branch, via the activations' second
+    derivatives. Nothing but the branch's forward values, ``v`` and ``w`` is
+    kept between the passes, and the branch is traversed backward once.
+    """
+
+    @staticmethod
+    def forward(ctx, modules, series, v, x, *tensors):
+        n_probes = v.shape[0] // x.shape[0]
+        h, factors, inputs = _run(modules, x, tensors)
+        repeated = _repeat_slopes(factors, n_probes)
+        est, w = series(lambda u, _: vector_jacobian(repeated, u))
+        ctx.save_for_backward(*tensors)
+        ctx.modules, ctx.n_probes = modules, n_probes
+        ctx.factors, ctx.repeated, ctx.inputs, ctx.v, ctx.w = (
+            factors,
+            repeated,
+            inputs,
+            v,
+            w,
+        )
+        return h, est
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_out, g_est):
+        tensors = ctx.saved_tensors
+        g_factor = {}
+        if g_est is not None:
+            s = ctx.w * g_est.view(-1, *([1] * (ctx.w.dim() - 1)))
+            g_factor = _factor_grads(ctx.repeated, ctx.v, s, ctx.n_probes)
+        if g_out is None:
+            g_out = torch.zeros_like(ctx.inputs[0])
+        g_x, grads = _branch_backward(
+            ctx.modules, ctx.factors, ctx.inputs, tensors, g_out, g_factor
+        )
+        return None, None, None, g_x, *grads
+
+
+def _repeat_slopes(factors, n_probes):
+    if n_probes == 1:
+        return factors
+    return [(k, f.repeat(n_probes, 1) if k == "d" else f) for k, f in factors]
+
+
+def _factor_grads(factors, v, s, n_probes):
+    """Gradient of ``sum_rows s^T J v`` with respect to each factor of ``J``:
+    ``{index: grad}``, slopes' gradients summed over the probes."""
+    ts = [v]
+    for kind, f in factors[:-1]:
+        ts.append(ts[-1] @ f.T if kind == "w" else ts[-1] * f)
+    grads = {}
+    for i in reversed(range(len(factors))):
+        kind, f = factors[i]
+        if kind == "w":
+            grads[i] = s.T @ ts[i]
+        else:
+            grads[i] = (s * ts[i]).view(n_probes, -1, f.shape[-1]).sum(0)
+        if i:
+            s = s @ f if kind == "w" else s * f
+    return grads
+
+
+def _branch_backward(modules, factors, inputs, tensors, g_h, g_factor):
+    """Back-propagate ``g_h`` (on ``g(x)``) through the branch, the factors'
+    gradients ``g_factor`` joining in; the gradients of ``x`` and ``tensors``."""
+    grads, t = [None] * len(tensors), len(tensors)
+    for index in reversed(range(len(modules))):
+        module, inp, extra = modules[index], inputs[index], g_factor.get(index)
+        if isinstance(module, LipschitzLinear):
+            t -= 2
+            g_w = g_h.T @ inp
+            grads[t] = g_w if extra is None else g_w + extra
+            if tensors[t + 1] is not None:
+                grads[t + 1] = g_h.sum(0)
+            g_h = g_h @ tensors[t]
+        elif isinstance(module, LipSwish):
+            t -= 1
+            extra = torch.zeros_like(inp) if extra is None else extra
+            g_h, grads[t] = _lipswish_backward(module, inp, tensors[t], g_h, extra)
+        else:
+            g_h = g_h * factors[index][1]
+            if extra is not None:
+                g_h = g_h + extra * _second_derivative(module, inp)
+    return g_h, grads

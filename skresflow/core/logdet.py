@@ -48,7 +48,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._mlp_series import mlp_series_branch
+from ._mlp_series import deferred_neumann, mlp_series_branch
 from .jacobian import branch_logdet, logabsdet_identity_plus
 
 __all__ = ["logdet_estimate", "residual_logdet", "row_hash", "ESTIMATORS", "GRAD_MODES"]
@@ -402,12 +402,21 @@ def _series_estimate(g, x, estimator, n_exact_terms, grad, generator, opts, need
     coeffs = _roulette(estimator, n_exact_terms, opts, shared)
     v = _probes(x, opts, local)
     n_probes, b = opts["n_probes"], x.shape[0]
-    branch = _branch(g, x, n_probes, needs_grad)
-    gx, vjp = branch.gx, branch.vjp
 
     def average(rows):
         return rows.view(n_probes, b).mean(0)
 
+    if coeffs and needs_grad and grad == "memory_efficient":
+        fused = deferred_neumann(
+            g,
+            x,
+            v,
+            lambda vjp: _power_series(vjp, v, coeffs, create_graph=False, want_w=True),
+        )
+        if fused is not None:
+            return fused[0], average(fused[1])
+    branch = _branch(g, x, n_probes, needs_grad)
+    gx, vjp = branch.gx, branch.vjp
     if not coeffs:
         return gx, torch.zeros(b, dtype=x.dtype, device=x.device)
     if not needs_grad or grad == "naive":

@@ -6,9 +6,15 @@ import pytest
 import torch
 from oracles import DTYPE, fill_parameters_, randn, seeded, weighted_grads
 
-from skresflow.core import GRAD_MODES, conv_branch, logdet_estimate, mlp_branch
+from skresflow.core import (
+    GRAD_MODES,
+    LipschitzLinear,
+    conv_branch,
+    logdet_estimate,
+    mlp_branch,
+)
 from skresflow.core._mlp_series import mlp_series_branch
-from skresflow.core.activations import ACTIVATIONS
+from skresflow.core.activations import ACTIVATIONS, LipSwish
 
 
 class Opaque(torch.nn.Module):
@@ -62,6 +68,52 @@ def test_closed_form_equals_autograd_for_same_draws(
     torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
 
 
+def bias_free_branch(d, seed):
+    layers = [
+        LipSwish(),
+        LipschitzLinear(d, 6, bias=False, coeff=0.9),
+        LipSwish(),
+        LipschitzLinear(6, d, bias=False, coeff=0.9),
+    ]
+    return fill_parameters_(torch.nn.Sequential(*layers).to(DTYPE), seed)
+
+
+@pytest.mark.parametrize("wrt", ["all", "x only", "parameters only"])
+@pytest.mark.parametrize("grad", GRAD_MODES)
+def test_closed_form_equals_autograd_bias_free_and_frozen(grad, wrt):
+    g, x = bias_free_branch(3, seed=2), randn(4, 3, seed=3, scale=1.5)
+    if wrt == "x only":
+        g.requires_grad_(False)
+    leaf = x.clone().requires_grad_(wrt != "parameters only")
+    kwargs = {"grad": grad, "n_probes": 2}
+
+    def grads(module):
+        logdet = logdet_estimate(module, leaf, generator=seeded(5), **kwargs)
+        wrt = [t for t in (leaf, *g.parameters()) if t.requires_grad]
+        found = torch.autograd.grad((logdet * randn(4, seed=6)).sum(), wrt)
+        return logdet.detach(), torch.cat([q.flatten() for q in found])
+
+    value, found = grads(g)
+    expected_value, expected = grads(Opaque(g))
+    assert found.abs().max() > 1e-3
+    torch.testing.assert_close(value, expected_value, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(found, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_memory_efficient_gradient_is_formed_in_one_fused_node():
+    g, x = branch(3, (6,), "lipswish", True, seed=5), randn(4, 3, seed=6)
+    gx_and_logdet = logdet_estimate(g, x.requires_grad_(), generator=seeded(7))
+    nodes, stack = set(), [gx_and_logdet.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in nodes:
+            nodes.add(node)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    names = {type(node).__name__ for node in nodes}
+    assert "_DeferredNeumannBackward" in names
+    assert not {"SigmoidBackward0", "MmBackward0"} & names  # no graph of the branch
+
+
 @pytest.mark.parametrize("grad", GRAD_MODES)
 def test_closed_form_without_gradients_equals_autograd(grad):
     g, x = branch(3, (6,), "lipswish", True, seed=5), randn(4, 3, seed=6)
@@ -93,6 +145,7 @@ def test_closed_form_applies_to_mlp_branches_only():
         ("backward_in_forward", 3, {}),
         ("neumann", 1, {}),  # Neumann is the exact derivative in one dimension
         ("memory_efficient", 3, {"estimator": "truncated", "n_exact_terms": 1}),
+        ("memory_efficient", 1, {"n_probes": 2}),
     ],
 )
 def test_gradcheck_closed_form(grad, d, options):
