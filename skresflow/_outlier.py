@@ -49,7 +49,7 @@ class ResidualFlowOutlierDetector(OutlierMixin, ResidualFlowDensity):
           per-feature Gaussians (the weighted mean and standard deviation of
           each feature, as the flow's own standardisation computes them).
     n_blocks, hidden_dims, hidden_channels, n_fc_blocks, n_bins, image_shape, \
-lipschitz_coeff, activation, logdet_estimator, n_exact_terms, logdet_grad, \
+factor_out, lipschitz_coeff, activation, logdet_estimator, n_exact_terms, logdet_grad, \
 max_iter, batch_size, learning_rate, weight_decay, validation_fraction, \
 n_iter_no_change, tol, random_state, device, dtype, verbose, warm_start
         As in :class:`ResidualFlowDensity`, with the same defaults (the
@@ -159,6 +159,7 @@ n_blocks_, hidden_dims_, logdet_estimator_, scoring_estimator_
         n_fc_blocks=2,
         n_bins=None,
         image_shape=None,
+        factor_out=False,
         lipschitz_coeff=0.97,
         activation="lipswish",
         logdet_estimator="auto",
@@ -185,6 +186,7 @@ n_blocks_, hidden_dims_, logdet_estimator_, scoring_estimator_
         self.n_fc_blocks = n_fc_blocks
         self.n_bins = n_bins
         self.image_shape = image_shape
+        self.factor_out = factor_out
         self.lipschitz_coeff = lipschitz_coeff
         self.activation = activation
         self.logdet_estimator = logdet_estimator

@@ -52,7 +52,10 @@ def test_sklearn_compatible_small(estimator, check):
 # a minute per fit on a shared CPU core, and the checks fit it many times.
 @pytest.mark.slow
 @parametrize_with_checks(
-    [ResidualFlowOutlierDetector(max_iter=20)],
+    [
+        ResidualFlowOutlierDetector(max_iter=20),
+        ResidualFlowOutlierDetector(max_iter=20, outlier_score="likelihood_ratio"),
+    ],
     expected_failed_checks=_expected_failures,
 )
 def test_sklearn_compatible_defaults(estimator, check):
