@@ -8,12 +8,13 @@ and element-wise activations ``a``, the chain rule gives
 
 with ``h_k`` the pre-activations of the forward pass. Building it with batched
 matrix products alongside ``g(x)`` costs one forward pass and a few small
-``bmm``; its gradient is ordinary back-propagation. For the log-determinant
-alone, the product is rotated to the narrowest layer first (see
-:func:`branch_logdet`). The autograd alternative
-(one vector-Jacobian product per input dimension, and a double backward when
-training) costs several times more. Branches with other modules return ``None``
-and callers fall back on autograd.
+matrix products (:func:`branch_jacobian`, differentiable by ordinary
+back-propagation). For the log-determinant alone, the product is rotated to the
+narrowest layer first, and the gradient comes from a hand-written backward pass
+(see :func:`branch_logdet`). The autograd alternative (one vector-Jacobian
+product per input dimension, and a double backward when training) costs several
+times more. Branches with other modules return ``None`` and callers fall back on
+autograd.
 """
 
 import torch
@@ -145,20 +146,6 @@ def _forward_factors(g, x):
     return h, factors
 
 
-def _prefixes(factors):
-    """Partial products ``P_0 = None`` (the identity), ``P_i = F_i P_{i-1}``:
-    ``(batch, m, k)``, or ``(m, k)`` while no diagonal came in."""
-    prefixes = [None]
-    for kind, f in factors:
-        p = prefixes[-1]
-        if kind == "w":
-            p = f if p is None else f @ p
-        else:
-            p = torch.diag_embed(f) if p is None else f.unsqueeze(-1) * p
-        prefixes.append(p)
-    return prefixes
-
-
 def branch_jacobian(g, x):
     """``g(x)`` and its batched Jacobian for an MLP branch, or ``None``.
 
@@ -180,10 +167,10 @@ def branch_jacobian(g, x):
     if result is None:
         return None
     h, factors = result
-    jac = _prefixes(factors)[-1]
-    if jac is None:
-        jac = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-    return h, jac.expand(x.shape[0], -1, -1)
+    jac_t = _transposed_prefixes(factors)[-1]
+    if jac_t is None:
+        jac_t = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    return h, jac_t.mT.expand(x.shape[0], -1, -1)
 
 
 def _narrowest_cut(modules, d):
@@ -210,16 +197,17 @@ def _reference_logdet(modules, cut, x, tensors):
     """The closed-form log-det through autograd: the oracle of
     :class:`_ClosedFormLogdet` and its double-backward path."""
     h, factors, _ = _run(modules, x, tensors)
-    m = _prefixes([f[1:] for f in _rotated(factors, cut)])[-1]
-    return h, logabsdet_identity_plus(m.expand(x.shape[0], -1, -1))
+    m_t = _transposed_prefixes([f[1:] for f in _rotated(factors, cut)])[-1]
+    return h, logabsdet_identity_plus(m_t.expand(x.shape[0], -1, -1))
 
 
-def _transposed_prefixes(rotated):
-    """``P_i^T`` for the prefixes of :func:`_prefixes`: ``(batch, k, m)`` (or
-    ``(k, m)``, ``None`` for the identity), so that every product with a weight is
-    one matrix product on a ``(batch * k, m)`` view."""
+def _transposed_prefixes(factors):
+    """Transposed partial products of factors ``F_1, F_2, ...``: ``P_0 = None``
+    (the identity), ``P_i^T = (F_i P_{i-1})^T`` as ``(batch, k, m)``, or
+    ``(k, m)`` while no diagonal came in. Transposed, every product with a
+    weight is one matrix product on a ``(batch * k, m)`` view."""
     prefixes = [None]
-    for _, kind, f in rotated:
+    for kind, f in factors:
         p = prefixes[-1]
         if kind == "w":
             p = f.T if p is None else p @ f.T
@@ -247,7 +235,7 @@ class _ClosedFormLogdet(torch.autograd.Function):
     def forward(ctx, modules, cut, x, *tensors):
         h, factors, inputs = _run(modules, x, tensors)
         rotated = _rotated(factors, cut)
-        prefixes = _transposed_prefixes(rotated)
+        prefixes = _transposed_prefixes([f[1:] for f in rotated])
         ctx.save_for_backward(x, *tensors)
         ctx.modules, ctx.cut = modules, cut
         ctx.factors, ctx.inputs, ctx.rotated, ctx.prefixes = (
