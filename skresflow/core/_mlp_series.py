@@ -19,12 +19,12 @@ same value and gradient to rounding.
 """
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .activations import LipSwish
 from .jacobian import (
     _forward_factors,
-    _lipswish_backward,
     _run,
     _second_derivative,
     _supported,
@@ -53,14 +53,14 @@ def mlp_series_branch(g, x, n_probes, needs_grad):
     -------
     MLPSeries or None
     """
-    with torch.set_grad_enabled(needs_grad):
-        result = _forward_factors(g, x)
-    if result is None:
+    if x.dim() != 2 or not _supported(g):
         return None
-    gx, factors = result
-    if n_probes > 1:  # the diagonals are per row: one copy per probe
-        factors = [(k, f.repeat(n_probes, 1) if k == "d" else f) for k, f in factors]
-    return MLPSeries(gx, factors, needs_grad)
+    if needs_grad:
+        gx, factors = _differentiable_factors(list(g), x, _tensors(g))
+    else:
+        with torch.no_grad():
+            gx, factors = _forward_factors(g, x)
+    return MLPSeries(gx, _repeat_slopes(factors, n_probes), needs_grad)
 
 
 class MLPSeries:
@@ -180,7 +180,82 @@ class _DeferredNeumann(torch.autograd.Function):
         return None, None, None, g_x, *grads
 
 
+def _differentiable_factors(modules, x, tensors):
+    """``g(x)`` and the factors of ``J_g(x)``, differentiable through one node:
+    the weights are ``tensors`` themselves, the slopes outputs of
+    :class:`_BranchFactors`."""
+    gx, *slopes = _BranchFactors.apply(modules, x, *tensors)
+    it, slopes, factors = iter(tensors), iter(slopes), []
+    for module in modules:  # tensors: per linear layer weight and bias, LipSwish b
+        if isinstance(module, LipschitzLinear):
+            factors.append(("w", next(it)))
+            next(it)
+        else:
+            if isinstance(module, LipSwish):
+                next(it)
+            factors.append(("d", next(slopes)))
+    return gx, factors
+
+
+class _BranchFactors(torch.autograd.Function):
+    """``g(x)`` and the slopes ``a'(h_k)`` of an MLP branch, with a hand-written
+    backward pass: the slopes' gradients join the output's on the way back
+    through the branch, via the activations' second derivatives. Keeps each
+    module's input and the slopes; no graph of the activations' formulas."""
+
+    @staticmethod
+    def forward(ctx, modules, x, *tensors):
+        h, factors, inputs = _run(modules, x, tensors)
+        ctx.save_for_backward(x, *tensors)
+        ctx.modules, ctx.factors, ctx.inputs = modules, factors, inputs
+        return (h, *[f for kind, f in factors if kind == "d"])
+
+    @staticmethod
+    def backward(ctx, g_out, *g_slopes):
+        x, *tensors = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            return None, *_differentiable_backward(ctx, x, tensors, g_out, g_slopes)
+        diagonal = [i for i, (kind, _) in enumerate(ctx.factors) if kind == "d"]
+        g_factor = {
+            i: g for i, g in zip(diagonal, g_slopes, strict=True) if g is not None
+        }
+        if g_out is None:
+            g_out = torch.zeros_like(ctx.inputs[0])
+        g_x, grads = _branch_backward(
+            ctx.modules, ctx.factors, ctx.inputs, tensors, g_out, g_factor
+        )
+        return None, g_x, *grads
+
+
+def _differentiable_backward(ctx, x, tensors, g_out, g_slopes):
+    """The backward pass of :class:`_BranchFactors` through autograd, for a
+    second differentiation."""
+    inputs = (x, *tensors)
+    wanted = [
+        i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i + 1]
+    ]
+    h, factors, _ = _run(ctx.modules, x, tensors)
+    outputs = [h, *[f for kind, f in factors if kind == "d"]]
+    pairs = [
+        (o, g)
+        for o, g in zip(outputs, (g_out, *g_slopes), strict=True)
+        if g is not None
+    ]
+    found = torch.autograd.grad(
+        [o for o, _ in pairs],
+        [inputs[i] for i in wanted],
+        [g for _, g in pairs],
+        create_graph=True,
+        allow_unused=True,
+    )
+    grads = [None] * len(inputs)
+    for i, grad in zip(wanted, found, strict=True):
+        grads[i] = grad
+    return grads
+
+
 def _repeat_slopes(factors, n_probes):
+    """The factors for probe-major rows: the diagonals are per row."""
     if n_probes == 1:
         return factors
     return [(k, f.repeat(n_probes, 1) if k == "d" else f) for k, f in factors]
@@ -212,17 +287,37 @@ def _branch_backward(modules, factors, inputs, tensors, g_h, g_factor):
         module, inp, extra = modules[index], inputs[index], g_factor.get(index)
         if isinstance(module, LipschitzLinear):
             t -= 2
-            g_w = g_h.T @ inp
-            grads[t] = g_w if extra is None else g_w + extra
+            grads[t] = g_h.T @ inp if extra is None else torch.addmm(extra, g_h.T, inp)
             if tensors[t + 1] is not None:
                 grads[t + 1] = g_h.sum(0)
             g_h = g_h @ tensors[t]
         elif isinstance(module, LipSwish):
             t -= 1
             extra = torch.zeros_like(inp) if extra is None else extra
-            g_h, grads[t] = _lipswish_backward(module, inp, tensors[t], g_h, extra)
+            slope = factors[index][1]
+            g_h, grads[t] = _lipswish_backward(inp, tensors[t], slope, g_h, extra)
         else:
             g_h = g_h * factors[index][1]
             if extra is not None:
                 g_h = g_h + extra * _second_derivative(module, inp)
     return g_h, grads
+
+
+def _lipswish_backward(h, raw_beta, slope, g_value, g_slope):
+    """Gradients of ``h`` and of the raw ``b`` from those of LipSwish's value and
+    slope (its derivative ``slope``, from the forward pass).
+
+    With ``beta = softplus(b)``, ``z = beta h``, ``s = sigmoid(z)``,
+    ``q = s (1 - s)`` and ``c = q (2 + z (1 - 2 s))``: the second derivative is
+    ``beta c / 1.1``, ``d value / d beta = h^2 q / 1.1`` and
+    ``d slope / d beta = h c / 1.1``.
+    """
+    beta = F.softplus(raw_beta)
+    z = beta * h
+    s = torch.sigmoid(z)
+    q = s * (1 - s)
+    c = q * (2 + z * (1 - 2 * s))
+    g_slope_c = g_slope * c
+    g_h = torch.addcmul(g_value * slope, g_slope_c, beta, value=1 / 1.1)
+    g_beta = torch.addcmul(g_slope_c, g_value * h, q).flatten() @ h.flatten()
+    return g_h, g_beta * (torch.sigmoid(raw_beta) / 1.1)
