@@ -172,7 +172,12 @@ def _normalized_together(layers):
         u = torch.stack([layer._u for layer in layers]).to(w)
         v = torch.stack([layer._v for layer in layers]).to(w)
         sigma = torch.stack([layer.sigma for layer in layers]).to(w)
-        coeff = w.new_tensor([layer.coeff for layer in layers])
+        coeffs = {layer.coeff for layer in layers}  # a tensor only if they differ
+        coeff = (
+            coeffs.pop()
+            if len(coeffs) == 1
+            else w.new_tensor([layer.coeff for layer in layers])
+        )
     s = _rayleigh(w, u, v)
     scale = torch.clamp((sigma + (s - s.detach())) / coeff, min=1.0)
     return (w / scale[:, None, None]).unbind(0)
@@ -392,7 +397,7 @@ class LipschitzLinear(_LipschitzMixin, nn.Linear):
     def _exact_norm(self):
         # Cached per weight and sigma: every inversion (sampling) checks the bound.
         self.refresh()
-        key = (self._weight_key(), float(self.sigma), self.coeff)
+        key = (self._weight_key(), self.sigma._version, self.coeff)  # no host sync
         cached = getattr(self, "_norm_cache", None)
         if cached is not None and cached[0] == key:
             return cached[1]
