@@ -39,10 +39,15 @@ class LipSwish(nn.Module):
         self.beta = nn.Parameter(torch.tensor(float(beta_init)))
 
     def forward(self, x):
-        # x sigmoid(beta x) = silu(beta x) / beta: one fused kernel (and one
-        # autograd node) instead of three. The floor on beta only matters where
-        # softplus would underflow (b < -46), which would divide by zero.
-        beta = F.softplus(self.beta).clamp_min(1e-20)
+        beta = F.softplus(self.beta)
+        if torch.is_grad_enabled() and (x.requires_grad or self.beta.requires_grad):
+            # Autograd keeps x and sigmoid(beta x) here; the silu form below would
+            # keep three tensors, and twice as much under a double backward.
+            return x * torch.sigmoid(beta * x) / 1.1
+        # Without a graph (sampling, scoring): x sigmoid(beta x) = silu(beta x) /
+        # beta, one fused kernel instead of three. The floor only matters where
+        # softplus underflows (b < -46), which would divide by zero.
+        beta = beta.clamp_min(1e-20)
         return F.silu(beta * x) / (1.1 * beta)
 
 

@@ -103,3 +103,16 @@ def test_lipswish_first_and_second_derivatives_pass_gradcheck():
     b = torch.tensor(0.3, dtype=DTYPE, requires_grad=True)
     assert torch.autograd.gradcheck(_lipswish_raw, (x, b))
     assert torch.autograd.gradgradcheck(_lipswish_raw, (x, b))
+
+
+@pytest.mark.parametrize("raw_beta", [-30.0, -3.0, 0.5, 4.0])
+def test_lipswish_gradient_free_form_matches_the_graph_form(raw_beta):
+    """LipSwish evaluates silu(beta x) / (1.1 beta) without a graph and
+    x sigmoid(beta x) / 1.1 with one: the same function to rounding."""
+    act = LipSwish(beta_init=raw_beta).double()
+    x = torch.linspace(-20, 20, 401, dtype=torch.float64)
+    with torch.no_grad():
+        fast = act(x)
+    graph = act(x.clone().requires_grad_())
+    assert graph.requires_grad
+    torch.testing.assert_close(fast, graph.detach(), rtol=1e-12, atol=1e-14)
