@@ -145,16 +145,16 @@ def shared_normalization(layers):
     """
     layers = [m for m in layers if type(m) is LipschitzLinear]
     try:
-        if layers and torch.is_grad_enabled() and layers[0].training:
+        if torch.is_grad_enabled():
             groups = {}
-            for layer in layers:
+            for layer in (m for m in layers if m.training):
                 w = layer.weight
                 key = (tuple(w.shape), w.dtype, w.device)
                 groups.setdefault(key, []).append(layer)
             for group in groups.values():
                 for layer, w in zip(group, _normalized_together(group), strict=True):
                     layer._shared_weight = w
-        elif not torch.is_grad_enabled():
+        else:
             for layer in layers:
                 layer._shared_weight = layer.normalized_weight()
         yield
