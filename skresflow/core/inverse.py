@@ -51,36 +51,34 @@ def _row_norm(t):
 def _solve(g, y, atol, rtol, max_iter):
     """Iterate x <- y - g(x) row by row until ||x + g(x) - y||_inf <= tol.
 
-    A row's answer is recorded when it first meets its tolerance; finished rows
-    are dropped from the work in batches (when a tenth of the rows have finished),
-    so that most iterations run on whole tensors without gathers."""
+    A row's answer is recorded when it first meets its tolerance (so it does not
+    depend on the other rows); finished rows are dropped from the work in
+    batches (when a tenth of the rows have finished), so that most iterations
+    run on whole tensors without gathers, and an iteration in which no row
+    finishes costs one host sync and no indexing."""
     tol = atol + rtol * _row_norm(y)
     x = y - g(y)
-    out, residual = x.clone(), torch.zeros_like(tol)
+    out, residual = x.clone(), torch.full_like(tol, float("inf"))
     idx, y_l, tol_l = torch.arange(y.shape[0], device=y.device), y, tol
     live = torch.ones_like(tol, dtype=torch.bool)
-    n_iter = 0
-    while True:
-        n_live = int(live.sum())
-        if n_live < 0.9 * live.numel():
-            idx, y_l, tol_l, x, live = (
-                idx[live],
-                y_l[live],
-                tol_l[live],
-                x[live],
-                live[live],
-            )
-        if not n_live or n_iter >= max_iter:
-            break
+    n_live, n_iter, res = y.shape[0], 0, None
+    while n_live and n_iter < max_iter:
         n_iter += 1
         x_new = y_l - g(x)
         res = _row_norm(x - x_new)  # = ||x + g(x) - y||
         x = x_new  # the new iterate's residual is at most Lip(g) * res
-        residual[idx[live]] = res[live]
         done = live & (res <= tol_l)
-        out[idx[done]] = x[done]
+        if not bool(done.any()):
+            continue
+        out[idx[done]], residual[idx[done]] = x[done], res[done]
         live = live & ~done
-    out[idx[live]] = x[live]
+        n_live = int(live.sum())
+        if n_live < 0.9 * live.numel():
+            idx, y_l, tol_l, x, live, res = (
+                t[live] for t in (idx, y_l, tol_l, x, live, res)
+            )
+    if n_live and res is not None:
+        out[idx[live]], residual[idx[live]] = x[live], res[live]
     return out, residual, tol, n_iter
 
 
