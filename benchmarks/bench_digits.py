@@ -52,6 +52,7 @@ Usage::
     python benchmarks/bench_digits.py              # everything, writes docs/
     python benchmarks/bench_digits.py --quick --no-write   # smoke test
     python benchmarks/bench_digits.py --select '{"n_blocks": 2}'  # selection
+    python benchmarks/bench_digits.py --select '{"factor_out": true}'
 
 Threads: one torch / BLAS thread by default (``--threads``). On a shared
 2-core machine two threads were several times *slower* than one.

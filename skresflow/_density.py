@@ -276,8 +276,7 @@ default="memory_efficient"
                 activation=self.activation,
                 coeff=self.lipschitz_coeff,
                 preprocessing=preprocessing,
-                # Subclasses without the parameter build without factor-out.
-                factor_out=getattr(self, "factor_out", False),
+                factor_out=self.factor_out,
             )
         return tabular_flow(
             self._n_dims,
