@@ -45,6 +45,9 @@ Usage::
     python benchmarks/bench_novelty.py --quick --no-write   # smoke test
     python benchmarks/bench_novelty.py --splits 0-4 --flows auto fixed-128
     python benchmarks/bench_novelty.py --render         # page from the results
+    # a rerun of a variant, kept apart from earlier rows in one results file:
+    python benchmarks/bench_novelty.py --flows auto --no-baselines --tag abc1234 \
+        --out /tmp/rerun.json    # then merge its runs and rows, and --render
 
 ``--jobs 2`` runs two fits at once (one thread each).
 """
