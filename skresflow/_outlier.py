@@ -70,9 +70,10 @@ n_iter_no_change, tol, random_state, device, dtype, verbose, warm_start
     background_ : ndarray of shape (n_features, n_bins) or (n_features, 2)
         Only with ``outlier_score="likelihood_ratio"``: the background model
         ``q``, fitted on the training rows (weighted by ``sample_weight``).
-        With ``n_bins``: ``log q`` of each value ``0..n_bins-1`` of each
-        feature (flattened pixel, for images). Without: the mean and standard
-        deviation of each feature's Gaussian (columns 0 and 1). In a
+        ``n_features`` counts the values of a row (``C * H * W`` for images,
+        in the order of the flattened pixels). With ``n_bins``: ``log q`` of
+        each value ``0..n_bins-1`` of each feature. Without: the mean and
+        standard deviation of each feature's Gaussian (columns 0 and 1). In a
         data-parallel fit the counts and sums are added up over all processes,
         so every process gets the same background.
     flow_, n_features_in_, feature_names_in_, n_iter_, history_, device_, \
@@ -316,7 +317,8 @@ n_blocks_, hidden_dims_, logdet_estimator_, scoring_estimator_
                     "but no background_ is stored."
                 )
             self.background_ = np.asarray(self.background_, dtype=np.float64)
-            shape = (self.n_features_in_, self.n_bins or 2)
+            # n_features_in_ counts columns only; images have C * H * W features.
+            shape = (int(np.prod(self.event_shape_)), self.n_bins or 2)
             if self.background_.shape != shape:
                 raise ValueError(
                     f"corrupted model file: background_ has shape "

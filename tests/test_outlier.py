@@ -19,6 +19,7 @@ from test_distributed import finish_rank, init_gloo, needs_gloo, spawn_two_ranks
 import skresflow
 import skresflow._outlier as outlier_module
 from skresflow import ResidualFlowDensity, ResidualFlowOutlierDetector
+from skresflow.datasets import load_digits_images
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 
@@ -367,6 +368,22 @@ def test_ratio_survives_save_load_pickle_and_joblib(
         assert copy.offset_ == det.offset_
         np.testing.assert_array_equal(copy.score_samples(X), det.score_samples(X))
         np.testing.assert_array_equal(copy.predict(X), det.predict(X))
+
+
+def test_images_get_a_background_per_pixel(tmp_path):
+    images = load_digits_images()[0][:200].astype(float)  # (n, 8, 8), 0..16
+    tiny = dict(n_blocks=1, hidden_channels=4, hidden_dims=(16,), max_iter=1)
+    det = ResidualFlowOutlierDetector(**{**RATIO, **tiny}, n_bins=17).fit(images)
+    assert det.background_.shape == (64, 17)
+    flat = images.reshape(len(images), -1)
+    log_q = brute_force_log_q(flat, flat[:5], 17, np.ones(len(flat)))
+    log_p = super(ResidualFlowOutlierDetector, det).score_samples(images[:5])
+    np.testing.assert_allclose(det.score_samples(images[:5]), log_p - log_q)
+    det.save(tmp_path / "images.skf")
+    loaded = skresflow.load(tmp_path / "images.skf")
+    np.testing.assert_array_equal(
+        loaded.score_samples(images[:5]), det.score_samples(images[:5])
+    )
 
 
 def _edit_metadata(source, target, edit):
