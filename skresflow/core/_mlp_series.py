@@ -315,8 +315,8 @@ def _lipswish_backward(h, raw_beta, slope, g_value, g_slope):
     beta = F.softplus(raw_beta)
     z = beta * h
     s = torch.sigmoid(z)
-    q = s * (1 - s)
-    c = q * (2 + z * (1 - 2 * s))
+    q = s * torch.rsub(s, 1)  # torch.rsub: Tensor.__rsub__ goes through Python
+    c = q * (2 + z * torch.rsub(s, 1, alpha=2))
     g_slope_c = g_slope * c
     g_h = torch.addcmul(g_value * slope, g_slope_c, beta, value=1 / 1.1)
     g_beta = torch.addcmul(g_slope_c, g_value * h, q).flatten() @ h.flatten()
