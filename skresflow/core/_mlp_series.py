@@ -16,6 +16,15 @@ that carry a gradient (the whole series with ``grad="naive"``, ``w^T J v`` for
 the Neumann gradient) are ordinary differentiable expressions: plain
 back-propagation replaces the double backward of the autograd path, with the
 same value and gradient to rounding.
+
+Two autograd Functions with hand-written backward passes keep autograd's graph
+small: :class:`_BranchFactors` (``g(x)`` and the slopes, for the ``naive``,
+``neumann`` and ``backward_in_forward`` modes, whose series terms are then
+differentiated as products of the factors) and :class:`_DeferredNeumann` (the
+whole block in ``memory_efficient`` mode: the series without a graph, the
+gradient of ``w^T J v`` formed in the backward pass). Both back-propagate
+through the branch once, the slopes' gradients joining the output's through the
+activations' second derivatives (:func:`_branch_backward`).
 """
 
 import torch
