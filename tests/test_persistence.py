@@ -119,7 +119,9 @@ def test_weights_not_matching_the_architecture(saved):
     payload = _payload(saved)
     payload["state"].pop(next(iter(payload["state"])))
     _rewrite(saved, payload)
-    with pytest.raises(ValueError, match="weights do not match the architecture"):
+    with pytest.raises(
+        ValueError, match=f"{saved.name}: model file weights do not match the arch"
+    ):
         skresflow.load(saved)
 
 
