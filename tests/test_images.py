@@ -156,10 +156,9 @@ def _actnorm_inputs(flow, x):
 
 @pytest.mark.parametrize("image", [True, False])
 def test_actnorm_initialisation_data(image):
-    # Images: the dequantised data of training (the statistics once came from the
-    # bin centres (x + 0.5) / K, where an always-zero pixel has variance 0).
-    # Flattened rows (an MLP flow): the bin centres, which trained a better MLP
-    # flow on digits (2.436 against 2.517 held-out bits/dim, see _build_flow).
+    # Images and flattened rows alike: the dequantised data of training (the
+    # statistics once came from the bin centres (x + 0.5) / K, where an
+    # always-zero pixel has variance 0).
     images, _ = load_digits_images()
     X = torch.tensor(images[:1000], dtype=torch.float32)
     X = X[:, None] if image else X.reshape(len(X), -1)
@@ -167,10 +166,7 @@ def test_actnorm_initialisation_data(image):
     est._validate_X(X.numpy(), reset=True)
     est._generator = torch.Generator().manual_seed(0)
     flow = est._build_flow(X, torch.ones(len(X))).double()
-    if image:
-        data, _ = dequantize(X.double(), 17, torch.Generator().manual_seed(1))
-    else:
-        data = (X.double() + 0.5) / 17
+    data, _ = dequantize(X.double(), 17, torch.Generator().manual_seed(1))
     for actnorm, x in zip(*_actnorm_inputs(flow, data), strict=True):
         flat = x.transpose(0, 1).reshape(x.shape[1], -1)
         std = flat.std(1).clamp_min(0.2**0.5)
