@@ -28,14 +28,14 @@ activations' second derivatives (:func:`_branch_backward`).
 """
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .activations import LipSwish
 from .jacobian import (
+    _branch_backward,
     _forward_factors,
+    _grads_with_graph,
     _run,
-    _second_derivative,
     _supported,
     _tensors,
 )
@@ -223,7 +223,12 @@ class _BranchFactors(torch.autograd.Function):
     def backward(ctx, g_out, *g_slopes):
         x, *tensors = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
-            return None, *_differentiable_backward(ctx, x, tensors, g_out, g_slopes)
+            h, factors, _ = _run(ctx.modules, x, tensors)
+            outputs = [h, *[f for kind, f in factors if kind == "d"]]
+            grads = _grads_with_graph(
+                outputs, (g_out, *g_slopes), (x, *tensors), ctx.needs_input_grad[1:]
+            )
+            return None, *grads
         diagonal = [i for i, (kind, _) in enumerate(ctx.factors) if kind == "d"]
         g_factor = {
             i: g for i, g in zip(diagonal, g_slopes, strict=True) if g is not None
@@ -234,33 +239,6 @@ class _BranchFactors(torch.autograd.Function):
             ctx.modules, ctx.factors, ctx.inputs, tensors, g_out, g_factor
         )
         return None, g_x, *grads
-
-
-def _differentiable_backward(ctx, x, tensors, g_out, g_slopes):
-    """The backward pass of :class:`_BranchFactors` through autograd, for a
-    second differentiation."""
-    inputs = (x, *tensors)
-    wanted = [
-        i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i + 1]
-    ]
-    h, factors, _ = _run(ctx.modules, x, tensors)
-    outputs = [h, *[f for kind, f in factors if kind == "d"]]
-    pairs = [
-        (o, g)
-        for o, g in zip(outputs, (g_out, *g_slopes), strict=True)
-        if g is not None
-    ]
-    found = torch.autograd.grad(
-        [o for o, _ in pairs],
-        [inputs[i] for i in wanted],
-        [g for _, g in pairs],
-        create_graph=True,
-        allow_unused=True,
-    )
-    grads = [None] * len(inputs)
-    for i, grad in zip(wanted, found, strict=True):
-        grads[i] = grad
-    return grads
 
 
 def _repeat_slopes(factors, n_probes):
@@ -286,47 +264,3 @@ def _factor_grads(factors, v, s, n_probes):
         if i:
             s = s @ f if kind == "w" else s * f
     return grads
-
-
-def _branch_backward(modules, factors, inputs, tensors, g_h, g_factor):
-    """Back-propagate ``g_h`` (on ``g(x)``) through the branch, the factors'
-    gradients ``g_factor`` joining in; the gradients of ``x`` and ``tensors``."""
-    grads, t = [None] * len(tensors), len(tensors)
-    for index in reversed(range(len(modules))):
-        module, inp, extra = modules[index], inputs[index], g_factor.get(index)
-        if isinstance(module, LipschitzLinear):
-            t -= 2
-            grads[t] = g_h.T @ inp if extra is None else torch.addmm(extra, g_h.T, inp)
-            if tensors[t + 1] is not None:
-                grads[t + 1] = g_h.sum(0)
-            g_h = g_h @ tensors[t]
-        elif isinstance(module, LipSwish):
-            t -= 1
-            extra = torch.zeros_like(inp) if extra is None else extra
-            slope = factors[index][1]
-            g_h, grads[t] = _lipswish_backward(inp, tensors[t], slope, g_h, extra)
-        else:
-            g_h = g_h * factors[index][1]
-            if extra is not None:
-                g_h = g_h + extra * _second_derivative(module, inp)
-    return g_h, grads
-
-
-def _lipswish_backward(h, raw_beta, slope, g_value, g_slope):
-    """Gradients of ``h`` and of the raw ``b`` from those of LipSwish's value and
-    slope (its derivative ``slope``, from the forward pass).
-
-    With ``beta = softplus(b)``, ``z = beta h``, ``s = sigmoid(z)``,
-    ``q = s (1 - s)`` and ``c = q (2 + z (1 - 2 s))``: the second derivative is
-    ``beta c / 1.1``, ``d value / d beta = h^2 q / 1.1`` and
-    ``d slope / d beta = h c / 1.1``.
-    """
-    beta = F.softplus(raw_beta)
-    z = beta * h
-    s = torch.sigmoid(z)
-    q = s * torch.rsub(s, 1)  # torch.rsub: Tensor.__rsub__ goes through Python
-    c = q * (2 + z * torch.rsub(s, 1, alpha=2))
-    g_slope_c = g_slope * c
-    g_h = torch.addcmul(g_value * slope, g_slope_c, beta, value=1 / 1.1)
-    g_beta = torch.addcmul(g_slope_c, g_value * h, q).flatten() @ h.flatten()
-    return g_h, g_beta * (torch.sigmoid(raw_beta) / 1.1)

@@ -64,26 +64,6 @@ _ACTIVATIONS = {
 }
 
 
-def _lipswish_backward(module, h, raw_beta, g_value, g_slope):
-    """Back-propagate ``g_value`` (on the LipSwish value) and ``g_slope`` (on its
-    derivative) to the pre-activation ``h`` and the raw parameter ``b``.
-
-    With ``beta = softplus(b)``, ``z = beta h``, ``s = sigmoid(z)``,
-    ``q = s (1 - s)`` and ``c = q (2 + z (1 - 2 s)) / 1.1``: the second
-    derivative is ``beta c``, ``d value / d beta = h^2 q / 1.1`` and
-    ``d slope / d beta = h c``.
-    """
-    beta = F.softplus(raw_beta)
-    z = beta * h
-    s = torch.sigmoid(z)
-    q = s * (1 - s)
-    c = q * (2 + z * (1 - 2 * s)) / 1.1
-    slope = (s + z * q) / 1.1
-    g_h = g_value * slope + g_slope * (beta * c)
-    g_beta = (h * (g_value * h * q / 1.1 + g_slope * c)).sum() * torch.sigmoid(raw_beta)
-    return g_h, g_beta
-
-
 def _second_derivative(module, h):
     """``a''(h)`` of the parameter-free activations (their value is not needed)."""
     if isinstance(module, nn.ELU):
@@ -96,6 +76,50 @@ def _second_derivative(module, h):
         t = torch.tanh(h)
         return -2 * t * (1 - t * t)
     return torch.zeros_like(h)  # ReLU
+
+
+def _branch_backward(modules, factors, inputs, tensors, g_h, g_factor):
+    """Back-propagate ``g_h`` (on ``g(x)``) through the branch, the factors'
+    gradients ``g_factor`` joining in; the gradients of ``x`` and ``tensors``."""
+    grads, t = [None] * len(tensors), len(tensors)
+    for index in reversed(range(len(modules))):
+        module, inp, extra = modules[index], inputs[index], g_factor.get(index)
+        if isinstance(module, LipschitzLinear):
+            t -= 2
+            grads[t] = g_h.T @ inp if extra is None else torch.addmm(extra, g_h.T, inp)
+            if tensors[t + 1] is not None:
+                grads[t + 1] = g_h.sum(0)
+            g_h = g_h @ tensors[t]
+        elif isinstance(module, LipSwish):
+            t -= 1
+            extra = torch.zeros_like(inp) if extra is None else extra
+            slope = factors[index][1]
+            g_h, grads[t] = _lipswish_backward(inp, tensors[t], slope, g_h, extra)
+        else:
+            g_h = g_h * factors[index][1]
+            if extra is not None:
+                g_h = g_h + extra * _second_derivative(module, inp)
+    return g_h, grads
+
+
+def _lipswish_backward(h, raw_beta, slope, g_value, g_slope):
+    """Gradients of ``h`` and of the raw ``b`` from those of LipSwish's value and
+    slope (its derivative ``slope``, from the forward pass).
+
+    With ``beta = softplus(b)``, ``z = beta h``, ``s = sigmoid(z)``,
+    ``q = s (1 - s)`` and ``c = q (2 + z (1 - 2 s))``: the second derivative is
+    ``beta c / 1.1``, ``d value / d beta = h^2 q / 1.1`` and
+    ``d slope / d beta = h c / 1.1``.
+    """
+    beta = F.softplus(raw_beta)
+    z = beta * h
+    s = torch.sigmoid(z)
+    q = s * torch.rsub(s, 1)  # torch.rsub: Tensor.__rsub__ goes through Python
+    c = q * (2 + z * torch.rsub(s, 1, alpha=2))
+    g_slope_c = g_slope * c
+    g_h = torch.addcmul(g_value * slope, g_slope_c, beta, value=1 / 1.1)
+    g_beta = torch.addcmul(g_slope_c, g_value * h, q).flatten() @ h.flatten()
+    return g_h, g_beta * (torch.sigmoid(raw_beta) / 1.1)
 
 
 def _supported(g):
@@ -250,7 +274,10 @@ class _ClosedFormLogdet(torch.autograd.Function):
     def backward(ctx, g_out, g_logdet):
         x, *tensors = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
-            grads = _differentiable_backward(ctx, x, tensors, g_out, g_logdet)
+            outputs = _reference_logdet(ctx.modules, ctx.cut, x, tensors)
+            grads = _grads_with_graph(
+                outputs, (g_out, g_logdet), (x, *tensors), ctx.needs_input_grad[2:]
+            )
             return None, None, *grads
         modules, b = ctx.modules, x.shape[0]
         # Gradients of the factors of M, all transposed: q = Q_i^T, (batch, k, m).
@@ -276,37 +303,25 @@ class _ClosedFormLogdet(torch.autograd.Function):
                 )
                 if i:
                     q = q * f.unsqueeze(-2)
-        # Back through the branch, the slopes' gradients joining in.
-        grads, t, g_h = [None] * len(tensors), len(tensors), g_out
-        for index in reversed(range(len(modules))):
-            module, inp = modules[index], ctx.inputs[index]
-            if isinstance(module, LipschitzLinear):
-                t -= 2
-                grads[t] = torch.addmm(g_weight[index], g_h.T, inp)
-                if tensors[t + 1] is not None:
-                    grads[t + 1] = g_h.sum(0)
-                g_h = g_h @ tensors[t]
-            elif isinstance(module, LipSwish):
-                t -= 1
-                g_h, grads[t] = _lipswish_backward(
-                    module, inp, tensors[t], g_h, g_slope[index]
-                )
-            else:
-                slope = ctx.factors[index][1]
-                g_h = g_h * slope + g_slope[index] * _second_derivative(module, inp)
-        return None, None, g_h, *grads
+        g_x, grads = _branch_backward(
+            modules, ctx.factors, ctx.inputs, tensors, g_out, g_weight | g_slope
+        )
+        return None, None, g_x, *grads
 
 
-def _differentiable_backward(ctx, x, tensors, g_out, g_logdet):
-    inputs = (x, *tensors)
-    wanted = [
-        i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i + 2]
+def _grads_with_graph(outputs, grad_outputs, inputs, needs_input_grad):
+    """``autograd.grad`` with ``create_graph=True`` of ``outputs`` (those with a
+    gradient) with respect to the ``inputs`` that need one, ``None`` for the
+    rest: the backward pass of a hand-written Function when it is itself
+    differentiated."""
+    wanted = [i for i, t in enumerate(inputs) if t is not None and needs_input_grad[i]]
+    pairs = [
+        (o, g) for o, g in zip(outputs, grad_outputs, strict=True) if g is not None
     ]
-    out, logdet = _reference_logdet(ctx.modules, ctx.cut, x, tensors)
     found = torch.autograd.grad(
-        (out, logdet),
+        [o for o, _ in pairs],
         [inputs[i] for i in wanted],
-        (g_out, g_logdet),
+        [g for _, g in pairs],
         create_graph=True,
         allow_unused=True,
     )
