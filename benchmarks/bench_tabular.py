@@ -404,6 +404,7 @@ def main(argv=None):
         results = [row for r in runs for row in r["results"]]
         info = dict(runs[0]["machine"])
         info["command"] = " and ".join(r["machine"]["command"] for r in runs)
+        info["commit"] = " and ".join(r["machine"].get("commit", "?") for r in runs)
         write_page(markdown(info, results, timing), Path(args.page))
         return results
     torch.set_num_threads(args.threads)
