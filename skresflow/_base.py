@@ -34,13 +34,6 @@ _LOGDET_ESTIMATORS = ("auto", "exact", "unbiased", "truncated")
 # (docs/benchmarks/digits.md): 600 steps of a conv flow beat a tuned
 # GaussianMixture on digits in a few CPU minutes; 2,000 cost several times that.
 AUTO_STEPS = {"tabular": 2000, "image": 600}
-# ... and at most this many epochs: on small tables (up to about 1,000 rows,
-# where an epoch is a few steps) 2,000 steps overfit past what early stopping on
-# a few dozen validation rows catches; capped at 500 epochs, held-out scores were
-# better on 8 of 12 (data set, seed) pairs of six small sets and much better on
-# some, at a third to half the CPU time (docs/benchmarks/tabular_defaults.md,
-# "Small data sets").
-AUTO_MAX_EPOCHS = 500
 AUTO_PATIENCE_STEPS = 500  # n_iter_no_change="auto": this many steps, >= 10 epochs
 EVAL_STEPS = 50  # the validation loss is computed about every this many steps
 # learning_rate="auto": MLP flows on tables train best with a high rate (lr 1e-2
@@ -311,9 +304,7 @@ class BaseResidualFlow(BaseEstimator):
             )
             has_val = self._dp.any(has_val)
         if n_epochs == "auto":
-            n_epochs = min(
-                -(-AUTO_STEPS[self._data_kind()] // steps_per_epoch), AUTO_MAX_EPOCHS
-            )
+            n_epochs = -(-AUTO_STEPS[self._data_kind()] // steps_per_epoch)
         patience = self.n_iter_no_change
         if patience == "auto":
             patience = max(10, -(-AUTO_PATIENCE_STEPS // steps_per_epoch))

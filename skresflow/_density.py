@@ -98,8 +98,7 @@ default="memory_efficient"
         rows, 26 for 20,000), which the defaults experiment found enough for a
         good model at a few minutes of CPU time; for images about 600 steps
         (``ceil(600 / steps_per_epoch)``, 100 epochs for 1,500 digits with the
-        default validation split). Either way at most 500 epochs: small tables
-        (up to about 1,000 rows) overfit with more.
+        default validation split).
     batch_size : int, default=256
     learning_rate : float or "auto", default="auto"
         Peak Adam learning rate (linear warm-up over the first 10% of steps, at

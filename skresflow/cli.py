@@ -341,8 +341,7 @@ def build_parser():
         "--max-iter",
         type=_max_iter,
         default="auto",
-        help='epochs, or "auto" (about 2,000 optimiser steps, at most 500 epochs; '
-        "the default)",
+        help='epochs, or "auto" (about 2,000 optimiser steps; the default)',
     )
     fit.add_argument("--n-blocks", type=int)
     fit.add_argument("--n-bins", type=int, help="discrete levels (digits: 17)")

@@ -185,14 +185,6 @@ def test_auto_training_length_counts_optimiser_steps(moons, monkeypatch):
     assert defaults["max_iter"] == defaults["n_iter_no_change"] == "auto"
 
 
-def test_auto_training_length_is_capped_in_epochs(moons, monkeypatch):
-    # Small tables: as many steps as "auto" asks for would be hundreds of epochs.
-    monkeypatch.setattr(base_module, "AUTO_STEPS", {"tabular": 40, "image": 40})
-    monkeypatch.setattr(base_module, "AUTO_MAX_EPOCHS", 2)
-    est = _fit(moons, max_iter="auto", n_iter_no_change=None)
-    assert est.n_iter_ == 2  # not ceil(40 / 9 steps per epoch) = 5
-
-
 def test_early_stopping_restores_best(moons, monkeypatch):
     monkeypatch.setattr(base_module, "EVAL_STEPS", 1)  # validate every epoch
     est = ResidualFlowDensity(
