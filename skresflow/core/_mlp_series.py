@@ -35,6 +35,8 @@ from .jacobian import (
     _branch_backward,
     _forward_factors,
     _grads_with_graph,
+    _kept_inputs,
+    _restore,
     _run,
     _supported,
     _tensors,
@@ -164,28 +166,22 @@ class _DeferredNeumann(torch.autograd.Function):
         est, w = series(lambda u, _: vector_jacobian(repeated, u))
         ctx.save_for_backward(*tensors)
         ctx.modules, ctx.n_probes = modules, n_probes
-        ctx.factors, ctx.repeated, ctx.inputs, ctx.v, ctx.w = (
-            factors,
-            repeated,
-            inputs,
-            v,
-            w,
-        )
+        ctx.kept, ctx.v, ctx.w = _kept_inputs(modules, inputs), v, w
         return h, est
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_out, g_est):
         tensors = ctx.saved_tensors
+        restored = _restore(ctx.modules, ctx.kept, tensors)
         g_factor = {}
         if g_est is not None:
             s = ctx.w * g_est.view(-1, *([1] * (ctx.w.dim() - 1)))
-            g_factor = _factor_grads(ctx.repeated, ctx.v, s, ctx.n_probes)
+            repeated = _repeat_slopes(restored[0], ctx.n_probes)
+            g_factor = _factor_grads(repeated, ctx.v, s, ctx.n_probes)
         if g_out is None:
-            g_out = torch.zeros_like(ctx.inputs[0])
-        g_x, grads = _branch_backward(
-            ctx.modules, ctx.factors, ctx.inputs, tensors, g_out, g_factor
-        )
+            g_out = torch.zeros_like(ctx.kept[0])
+        g_x, grads = _branch_backward(ctx.modules, restored, tensors, g_out, g_factor)
         return None, None, None, g_x, *grads
 
 
@@ -216,7 +212,7 @@ class _BranchFactors(torch.autograd.Function):
     def forward(ctx, modules, x, *tensors):
         h, factors, inputs = _run(modules, x, tensors)
         ctx.save_for_backward(x, *tensors)
-        ctx.modules, ctx.factors, ctx.inputs = modules, factors, inputs
+        ctx.modules, ctx.kept = modules, _kept_inputs(modules, inputs)
         return (h, *[f for kind, f in factors if kind == "d"])
 
     @staticmethod
@@ -229,15 +225,14 @@ class _BranchFactors(torch.autograd.Function):
                 outputs, (g_out, *g_slopes), (x, *tensors), ctx.needs_input_grad[1:]
             )
             return None, *grads
-        diagonal = [i for i, (kind, _) in enumerate(ctx.factors) if kind == "d"]
+        restored = _restore(ctx.modules, ctx.kept, tensors)
+        diagonal = [i for i, (kind, _) in enumerate(restored[0]) if kind == "d"]
         g_factor = {
             i: g for i, g in zip(diagonal, g_slopes, strict=True) if g is not None
         }
         if g_out is None:
-            g_out = torch.zeros_like(ctx.inputs[0])
-        g_x, grads = _branch_backward(
-            ctx.modules, ctx.factors, ctx.inputs, tensors, g_out, g_factor
-        )
+            g_out = torch.zeros_like(ctx.kept[0])
+        g_x, grads = _branch_backward(ctx.modules, restored, tensors, g_out, g_factor)
         return None, g_x, *grads
 
 

@@ -27,10 +27,18 @@ from .lipschitz import LipschitzLinear
 __all__ = ["branch_jacobian", "branch_logdet", "logabsdet_identity_plus"]
 
 
-def _lipswish(module, h, raw_beta):
+def _lipswish_parts(h, raw_beta):
+    """``beta = softplus(b)``, ``z = beta h``, ``s = sigmoid(z)``, ``q = s (1 - s)``."""
     beta = F.softplus(raw_beta)
-    s = torch.sigmoid(beta * h)
-    return h * s / 1.1, (s + beta * h * s * (1 - s)) / 1.1
+    z = beta * h
+    s = torch.sigmoid(z)
+    return beta, z, s, s * torch.rsub(s, 1)  # torch.rsub: __rsub__ goes through Python
+
+
+def _lipswish(module, h, raw_beta, parts=None):
+    _, z, s, q = _lipswish_parts(h, raw_beta) if parts is None else parts
+    s = s / 1.1
+    return h * s, torch.addcmul(s, z, q, value=1 / 1.1)
 
 
 def _elu(module, h, _):
@@ -78,9 +86,11 @@ def _second_derivative(module, h):
     return torch.zeros_like(h)  # ReLU
 
 
-def _branch_backward(modules, factors, inputs, tensors, g_h, g_factor):
+def _branch_backward(modules, restored, tensors, g_h, g_factor):
     """Back-propagate ``g_h`` (on ``g(x)``) through the branch, the factors'
-    gradients ``g_factor`` joining in; the gradients of ``x`` and ``tensors``."""
+    gradients ``g_factor`` joining in; the gradients of ``x`` and ``tensors``.
+    ``restored`` is what :func:`_restore` returns."""
+    factors, inputs, parts = restored
     grads, t = [None] * len(tensors), len(tensors)
     for index in reversed(range(len(modules))):
         module, inp, extra = modules[index], inputs[index], g_factor.get(index)
@@ -94,7 +104,9 @@ def _branch_backward(modules, factors, inputs, tensors, g_h, g_factor):
             t -= 1
             extra = torch.zeros_like(inp) if extra is None else extra
             slope = factors[index][1]
-            g_h, grads[t] = _lipswish_backward(inp, tensors[t], slope, g_h, extra)
+            g_h, grads[t] = _lipswish_backward(
+                inp, tensors[t], parts[index], slope, g_h, extra
+            )
         else:
             g_h = g_h * factors[index][1]
             if extra is not None:
@@ -102,19 +114,16 @@ def _branch_backward(modules, factors, inputs, tensors, g_h, g_factor):
     return g_h, grads
 
 
-def _lipswish_backward(h, raw_beta, slope, g_value, g_slope):
+def _lipswish_backward(h, raw_beta, parts, slope, g_value, g_slope):
     """Gradients of ``h`` and of the raw ``b`` from those of LipSwish's value and
-    slope (its derivative ``slope``, from the forward pass).
+    slope (its derivative ``slope``), given :func:`_lipswish_parts` of ``h``.
 
     With ``beta = softplus(b)``, ``z = beta h``, ``s = sigmoid(z)``,
     ``q = s (1 - s)`` and ``c = q (2 + z (1 - 2 s))``: the second derivative is
     ``beta c / 1.1``, ``d value / d beta = h^2 q / 1.1`` and
     ``d slope / d beta = h c / 1.1``.
     """
-    beta = F.softplus(raw_beta)
-    z = beta * h
-    s = torch.sigmoid(z)
-    q = s * torch.rsub(s, 1)  # torch.rsub: Tensor.__rsub__ goes through Python
+    beta, z, s, q = parts
     c = q * (2 + z * torch.rsub(s, 1, alpha=2))
     g_slope_c = g_slope * c
     g_h = torch.addcmul(g_value * slope, g_slope_c, beta, value=1 / 1.1)
@@ -155,6 +164,39 @@ def _run(modules, x, tensors):
             h, slope = _ACTIVATIONS[type(module)](module, h, param)
             factors.append(("d", slope))
     return h, factors, inputs
+
+
+def _kept_inputs(modules, inputs):
+    """The module inputs a hand-written backward pass keeps: all but the
+    activations' outputs, which :func:`_restore` recomputes element-wise from
+    their inputs (saving them, and the slopes, would keep three tensors per
+    hidden layer instead of one)."""
+    return [
+        None if i and not isinstance(modules[i - 1], LipschitzLinear) else inp
+        for i, inp in enumerate(inputs)
+    ]
+
+
+def _restore(modules, kept, tensors):
+    """The factors of ``J_g(x)``, every module's input and LipSwish's
+    intermediate values (:func:`_lipswish_parts`, by module index), from
+    :func:`_kept_inputs`, without a graph: for hand-written backward passes."""
+    inputs, factors, parts, it = list(kept), [], {}, iter(tensors)
+    with torch.no_grad():
+        for i, module in enumerate(modules):
+            if isinstance(module, LipschitzLinear):
+                factors.append(("w", next(it)))
+                next(it)
+                continue
+            if isinstance(module, LipSwish):
+                parts[i] = _lipswish_parts(inputs[i], next(it))
+                value, slope = _lipswish(module, inputs[i], None, parts[i])
+            else:
+                value, slope = _ACTIVATIONS[type(module)](module, inputs[i], None)
+            factors.append(("d", slope))
+            if i + 1 < len(modules):
+                inputs[i + 1] = value
+    return factors, inputs, parts
 
 
 def _forward_factors(g, x):
@@ -258,16 +300,10 @@ class _ClosedFormLogdet(torch.autograd.Function):
     @staticmethod
     def forward(ctx, modules, cut, x, *tensors):
         h, factors, inputs = _run(modules, x, tensors)
-        rotated = _rotated(factors, cut)
-        prefixes = _transposed_prefixes([f[1:] for f in rotated])
+        prefixes = _transposed_prefixes([f[1:] for f in _rotated(factors, cut)])
         ctx.save_for_backward(x, *tensors)
         ctx.modules, ctx.cut = modules, cut
-        ctx.factors, ctx.inputs, ctx.rotated, ctx.prefixes = (
-            factors,
-            inputs,
-            rotated,
-            prefixes,
-        )
+        ctx.kept, ctx.prefixes = _kept_inputs(modules, inputs), prefixes
         return h, logabsdet_identity_plus(prefixes[-1].expand(x.shape[0], -1, -1))
 
     @staticmethod
@@ -280,13 +316,15 @@ class _ClosedFormLogdet(torch.autograd.Function):
             )
             return None, None, *grads
         modules, b = ctx.modules, x.shape[0]
+        restored = _restore(modules, ctx.kept, tensors)
+        rotated = _rotated(restored[0], ctx.cut)
         # Gradients of the factors of M, all transposed: q = Q_i^T, (batch, k, m).
         n = ctx.prefixes[-1].expand(b, -1, -1)  # M^T
         q = g_logdet[:, None, None] * _inverse_identity_plus(n).transpose(1, 2)
         k = q.shape[1]
         g_weight, g_slope = {}, {}
-        for i in reversed(range(len(ctx.rotated))):
-            index, kind, f = ctx.rotated[i]
+        for i in reversed(range(len(rotated))):
+            index, kind, f = rotated[i]
             p = ctx.prefixes[i]
             if kind == "w":
                 if p is None:
@@ -304,7 +342,7 @@ class _ClosedFormLogdet(torch.autograd.Function):
                 if i:
                     q = q * f.unsqueeze(-2)
         g_x, grads = _branch_backward(
-            modules, ctx.factors, ctx.inputs, tensors, g_out, g_weight | g_slope
+            modules, restored, tensors, g_out, g_weight | g_slope
         )
         return None, None, g_x, *grads
 

@@ -346,15 +346,22 @@ def _probes(x, opts, generator):
 
 
 def _power_series(vjp, v, coeffs, *, create_graph, want_w):
-    """Series value per row and, if asked, the Neumann vector w (no graph)."""
-    u, est, w = v, torch.zeros(v.shape[0], dtype=v.dtype, device=v.device), None
+    """Series value per row and, if asked, the Neumann vector w (no graph).
+
+    The terms ``(-1)^(k+1) c_k / k * v^T J^k v`` are summed as vectors and
+    dotted with ``v`` once: fewer operations than one dot product per term.
+    """
+    u, total, w = v, None, None
     for k, c in enumerate(coeffs, start=1):
         sign = 1.0 if k % 2 else -1.0
         if want_w:
-            w = sign * c * u if w is None else w + sign * c * u
+            w = sign * c * u if w is None else torch.add(w, u, alpha=sign * c)
         u = vjp(u, create_graph)
-        est = est + (sign * c / k) * _dot(u, v)
-    return est, w
+        a = sign * c / k
+        total = a * u if total is None else torch.add(total, u, alpha=a)
+    if total is None:
+        return torch.zeros(v.shape[0], dtype=v.dtype, device=v.device), w
+    return _dot(total, v), w
 
 
 def _branch(g, x, n_probes, needs_grad):
