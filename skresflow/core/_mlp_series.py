@@ -32,16 +32,20 @@ from torch.autograd.function import once_differentiable
 
 from .activations import LipSwish
 from .jacobian import (
+    _LAYERS,
     _branch_backward,
+    _conv,
+    _conv_vjp,
+    _conv_weight_grad,
     _forward_factors,
     _grads_with_graph,
     _kept_inputs,
+    _layer_kind,
     _restore,
     _run,
     _supported,
     _tensors,
 )
-from .lipschitz import LipschitzLinear
 
 __all__ = ["mlp_series_branch", "MLPSeries", "deferred_neumann"]
 
@@ -64,10 +68,10 @@ def mlp_series_branch(g, x, n_probes, needs_grad):
     -------
     MLPSeries or None
     """
-    if x.dim() != 2 or not _supported(g):
+    if not _supported(g, x):
         return None
     if needs_grad:
-        gx, factors = _differentiable_factors(list(g), x, _tensors(g))
+        gx, factors = _differentiable_factors(list(g), x, _tensors(g, x))
     else:
         with torch.no_grad():
             gx, factors = _forward_factors(g, x)
@@ -113,9 +117,10 @@ class MLPSeries:
 
 
 def vector_jacobian(factors, u):
-    """Rows of ``u^T J`` for ``J = F_n ... F_1`` given as ``[("w", W) | ("d", s)]``."""
+    """Rows of ``u^T J`` for ``J = F_n ... F_1`` given as ``(kind, tensor)``:
+    ``"w"`` a dense weight, ``"c"`` a convolution's weight, ``"d"`` a diagonal."""
     for kind, f in reversed(factors):
-        u = u @ f if kind == "w" else u * f
+        u = u @ f if kind == "w" else _conv_vjp(u, f) if kind == "c" else u * f
     return u
 
 
@@ -139,9 +144,9 @@ def deferred_neumann(g, x, v, series):
         ``est`` has one entry per probe row; its gradient is that of
         ``w^T J v`` (Neumann), formed only in the backward pass.
     """
-    if x.dim() != 2 or not _supported(g):
+    if not _supported(g, x):
         return None
-    return _DeferredNeumann.apply(list(g), series, v, x, *_tensors(g))
+    return _DeferredNeumann.apply(list(g), series, v, x, *_tensors(g, x))
 
 
 class _DeferredNeumann(torch.autograd.Function):
@@ -191,9 +196,9 @@ def _differentiable_factors(modules, x, tensors):
     :class:`_BranchFactors`."""
     gx, *slopes = _BranchFactors.apply(modules, x, *tensors)
     it, slopes, factors = iter(tensors), iter(slopes), []
-    for module in modules:  # tensors: per linear layer weight and bias, LipSwish b
-        if isinstance(module, LipschitzLinear):
-            factors.append(("w", next(it)))
+    for module in modules:  # tensors: per layer weight and bias, LipSwish b
+        if isinstance(module, _LAYERS):
+            factors.append((_layer_kind(module), next(it)))
             next(it)
         else:
             if isinstance(module, LipSwish):
@@ -240,7 +245,10 @@ def _repeat_slopes(factors, n_probes):
     """The factors for probe-major rows: the diagonals are per row."""
     if n_probes == 1:
         return factors
-    return [(k, f.repeat(n_probes, 1) if k == "d" else f) for k, f in factors]
+    return [
+        (k, f.repeat(n_probes, *[1] * (f.dim() - 1)) if k == "d" else f)
+        for k, f in factors
+    ]
 
 
 def _factor_grads(factors, v, s, n_probes):
@@ -248,14 +256,17 @@ def _factor_grads(factors, v, s, n_probes):
     ``{index: grad}``, slopes' gradients summed over the probes."""
     ts = [v]
     for kind, f in factors[:-1]:
-        ts.append(ts[-1] @ f.T if kind == "w" else ts[-1] * f)
+        t = ts[-1]
+        ts.append(t @ f.T if kind == "w" else _conv(t, f) if kind == "c" else t * f)
     grads = {}
     for i in reversed(range(len(factors))):
         kind, f = factors[i]
         if kind == "w":
             grads[i] = s.T @ ts[i]
+        elif kind == "c":
+            grads[i] = _conv_weight_grad(ts[i], f, s)
         else:
-            grads[i] = (s * ts[i]).view(n_probes, -1, f.shape[-1]).sum(0)
+            grads[i] = (s * ts[i]).view(n_probes, -1, *f.shape[1:]).sum(0)
         if i:
-            s = s @ f if kind == "w" else s * f
+            s = s @ f if kind == "w" else _conv_vjp(s, f) if kind == "c" else s * f
     return grads

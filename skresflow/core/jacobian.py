@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activations import LipSwish
-from .lipschitz import LipschitzLinear
+from .lipschitz import LipschitzConv2d, LipschitzLinear
 
 __all__ = ["branch_jacobian", "branch_logdet", "logabsdet_identity_plus"]
 
@@ -100,6 +100,14 @@ def _branch_backward(modules, restored, tensors, g_h, g_factor):
             if tensors[t + 1] is not None:
                 grads[t + 1] = g_h.sum(0)
             g_h = g_h @ tensors[t]
+        elif isinstance(module, LipschitzConv2d):
+            t -= 2
+            grads[t] = _conv_weight_grad(inp, tensors[t], g_h)
+            if extra is not None:
+                grads[t] = grads[t] + extra
+            if tensors[t + 1] is not None:
+                grads[t + 1] = g_h.sum((0, 2, 3))
+            g_h = _conv_vjp(g_h, tensors[t])
         elif isinstance(module, LipSwish):
             t -= 1
             extra = torch.zeros_like(inp) if extra is None else extra
@@ -131,18 +139,46 @@ def _lipswish_backward(h, raw_beta, parts, slope, g_value, g_slope):
     return g_h, g_beta * (torch.sigmoid(raw_beta) / 1.1)
 
 
-def _supported(g):
-    return isinstance(g, nn.Sequential) and all(
-        type(m) is LipschitzLinear or type(m) in _ACTIVATIONS for m in g
+def _conv(t, weight):
+    """The linear part of a stride-1 "same" convolution (no bias)."""
+    return F.conv2d(t, weight, padding=weight.shape[-1] // 2)
+
+
+def _conv_vjp(u, weight):
+    """``u^T C`` for the convolution ``C`` of :func:`_conv`: its adjoint."""
+    return F.conv_transpose2d(u, weight, padding=weight.shape[-1] // 2)
+
+
+def _conv_weight_grad(t, weight, s):
+    """Gradient of ``sum s * conv(t, weight)`` with respect to ``weight``."""
+    return torch.nn.grad.conv2d_weight(
+        t, weight.shape, s, padding=weight.shape[-1] // 2
     )
 
 
-def _tensors(g):
+def _supported(g, x):
+    """Whether the factored Jacobian applies: a :class:`~torch.nn.Sequential` of
+    element-wise activations and either dense layers on ``(batch, d)`` rows or
+    stride-1 "same" convolutions on ``(batch, c, h, w)`` images. (The exact
+    log-det and Jacobian take only the dense kind.)"""
+    layer = {2: LipschitzLinear, 4: LipschitzConv2d}.get(x.dim())
+    return (
+        layer is not None
+        and isinstance(g, nn.Sequential)
+        and all(type(m) is layer or type(m) in _ACTIVATIONS for m in g)
+    )
+
+
+def _tensors(g, x):
     """The tensors a branch's forward pass reads, in module order: per linear
-    layer its normalised weight and bias, per LipSwish its raw ``beta``."""
+    layer or convolution its normalised weight and bias, per LipSwish its raw
+    ``beta``. A convolution's norm depends on the input size, which is recorded
+    first, as its own forward pass would."""
     out = []
     for module in g:
-        if isinstance(module, LipschitzLinear):
+        if isinstance(module, LipschitzConv2d):
+            module._spatial = tuple(x.shape[-2:])
+        if isinstance(module, LipschitzLinear | LipschitzConv2d):
             out += [module.normalized_weight(), module.bias]
         elif isinstance(module, LipSwish):
             out.append(module.beta)
@@ -159,11 +195,23 @@ def _run(modules, x, tensors):
             w, b = next(it), next(it)
             h = F.linear(h, w, b)
             factors.append(("w", w))
+        elif isinstance(module, LipschitzConv2d):
+            w, b = next(it), next(it)
+            h = F.conv2d(h, w, b, padding=w.shape[-1] // 2)
+            factors.append(("c", w))
         else:
             param = next(it) if isinstance(module, LipSwish) else None
             h, slope = _ACTIVATIONS[type(module)](module, h, param)
             factors.append(("d", slope))
     return h, factors, inputs
+
+
+_LAYERS = (LipschitzLinear, LipschitzConv2d)
+
+
+def _layer_kind(module):
+    """Factor kind of a layer: ``"w"`` (dense weight) or ``"c"`` (convolution)."""
+    return "w" if isinstance(module, LipschitzLinear) else "c"
 
 
 def _kept_inputs(modules, inputs):
@@ -172,7 +220,7 @@ def _kept_inputs(modules, inputs):
     their inputs (saving them, and the slopes, would keep three tensors per
     hidden layer instead of one)."""
     return [
-        None if i and not isinstance(modules[i - 1], LipschitzLinear) else inp
+        None if i and not isinstance(modules[i - 1], _LAYERS) else inp
         for i, inp in enumerate(inputs)
     ]
 
@@ -184,8 +232,8 @@ def _restore(modules, kept, tensors):
     inputs, factors, parts, it = list(kept), [], {}, iter(tensors)
     with torch.no_grad():
         for i, module in enumerate(modules):
-            if isinstance(module, LipschitzLinear):
-                factors.append(("w", next(it)))
+            if isinstance(module, _LAYERS):
+                factors.append((_layer_kind(module), next(it)))
                 next(it)
                 continue
             if isinstance(module, LipSwish):
@@ -206,9 +254,9 @@ def _forward_factors(g, x):
     ``("d", slope)`` (a ``(batch, k)`` diagonal), so that
     ``J = F_n ... F_1``. ``None`` for branches without a closed form.
     """
-    if x.dim() != 2 or not _supported(g):
+    if not _supported(g, x):
         return None
-    h, factors, _ = _run(list(g), x, _tensors(g))
+    h, factors, _ = _run(list(g), x, _tensors(g, x))
     return h, factors
 
 
@@ -229,7 +277,7 @@ def branch_jacobian(g, x):
         ``g(x)`` of shape ``(batch, d)`` and ``J_g(x)`` of shape
         ``(batch, d, d)``; both differentiable by ordinary back-propagation.
     """
-    result = _forward_factors(g, x)
+    result = _forward_factors(g, x) if x.dim() == 2 else None
     if result is None:
         return None
     h, factors = result
@@ -394,13 +442,13 @@ def branch_logdet(g, x):
     autograd on this chain of small operations. Same arguments as
     :func:`branch_jacobian`.
     """
-    if x.dim() != 2 or not _supported(g):
+    if x.dim() != 2 or not _supported(g, x):
         return None
     modules = list(g)
     if not modules:  # an empty branch: g(x) = x, log det I = 0
         return x, x.new_zeros(x.shape[0])
     cut = _narrowest_cut(modules, x.shape[1])
-    return _ClosedFormLogdet.apply(modules, cut, x, *_tensors(g))
+    return _ClosedFormLogdet.apply(modules, cut, x, *_tensors(g, x))
 
 
 def logabsdet_identity_plus(m):

@@ -169,7 +169,7 @@ def test_hand_written_backward_matches_autograd(activation, d, hidden, preactiva
     gx, logdet = branch_logdet(g, x)
     ours = grads(gx, logdet)
     ref_gx, ref_logdet = _reference_logdet(list(g), _narrowest_cut(list(g), d), x,
-                                           _tensors(g))
+                                           _tensors(g, x))
     ref = grads(ref_gx, ref_logdet)
     torch.testing.assert_close(logdet, ref_logdet, rtol=0, atol=1e-13)
     torch.testing.assert_close(gx, ref_gx, rtol=0, atol=1e-13)

@@ -124,7 +124,7 @@ def test_closed_form_without_gradients_equals_autograd(grad):
     torch.testing.assert_close(closed, auto, rtol=1e-12, atol=1e-13)
 
 
-def test_closed_form_applies_to_mlp_branches_only():
+def test_closed_form_applies_to_mlp_and_conv_branches_only():
     x = randn(2, 3, seed=0)
     assert mlp_series_branch(branch(3, (4,), "elu", False, 0), x, 1, False) is not None
     assert (
@@ -135,7 +135,43 @@ def test_closed_form_applies_to_mlp_branches_only():
         is None
     )
     image = randn(2, 2, 3, 3, seed=1)
-    assert mlp_series_branch(conv_branch(2, 4).to(DTYPE), image, 1, False) is None
+    assert mlp_series_branch(conv_branch(2, 4).to(DTYPE), image, 1, False) is not None
+    assert mlp_series_branch(conv_branch(2, 4).to(DTYPE), x, 1, False) is None
+    assert mlp_series_branch(branch(3, (4,), "elu", False, 0), image, 1, False) is None
+
+
+def image_branch(channels, hidden, activation, seed):
+    g = conv_branch(channels, hidden, activation=activation, coeff=0.9).to(DTYPE)
+    return fill_parameters_(g, seed)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("estimator", ["unbiased", "truncated"])
+@pytest.mark.parametrize("grad", GRAD_MODES)
+def test_closed_form_of_conv_branches_equals_autograd(grad, estimator, activation):
+    """Convolutions are linear maps too: their products, adjoints (transposed
+    convolutions) and weight gradients give the same value and gradients as
+    autograd through the branch, padding at the borders included."""
+    g = image_branch(2, 3, activation, seed=7)
+    x = randn(3, 2, 4, 5, seed=8, scale=1.5)
+    assert mlp_series_branch(g, x, 1, False) is not None
+    leaf, a = x.clone().requires_grad_(), randn(3, seed=9)
+    kwargs = {
+        "estimator": estimator,
+        "n_exact_terms": 3,
+        "grad": grad,
+        "n_probes": 2,
+        "probe": "rademacher",
+    }
+
+    def estimate(module):
+        return lambda _, x: logdet_estimate(module, x, generator=seeded(4), **kwargs)
+
+    value, grads = weighted_grads(estimate(g), g, leaf, a)
+    expected_value, expected = weighted_grads(estimate(Opaque(g)), g, leaf, a)
+    assert grads.abs().max() > 1e-3
+    torch.testing.assert_close(value, expected_value, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize(
