@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Choose ResidualFlowDensity's defaults by experiment: held-out log-likelihood vs fit time.
+"""Choose ResidualFlowDensity's defaults by experiment: held-out log-likelihood
+vs fit time.
 
 One knob at a time around a centre configuration ``C``, one seed, on four 2-D
 toys (checkerboard, 2spirals, rings, moons: 4,000 training rows, a separate
@@ -49,18 +50,25 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_tabular as bench  # noqa: E402
+
 import skresflow.core.activations as activations  # noqa: E402
-from skresflow import ResidualFlowDensity  # noqa: E402
 
 TOYS = ("checkerboard", "2spirals", "rings", "moons")
 DATASETS = (*TOYS, "digits")
 
-CENTRE = dict(n_blocks=8, hidden_dims=(32, 32), lipschitz_coeff=0.97, learning_rate=5e-3,
-              batch_size=256, steps=1000, patience_steps=500)
+CENTRE = dict(
+    n_blocks=8,
+    hidden_dims=(32, 32),
+    lipschitz_coeff=0.97,
+    learning_rate=5e-3,
+    batch_size=256,
+    steps=1000,
+    patience_steps=500,
+)
 
 # name -> (changes to the centre, data sets)
 CONFIGS = {
-    "ref": (None, DATASETS),                     # package defaults, nothing passed
+    "ref": (None, DATASETS),  # package defaults, nothing passed
     "C": ({}, DATASETS),
     "h64": (dict(hidden_dims=(64, 64)), DATASETS),
     "h128": (dict(hidden_dims=(128, 128)), TOYS),
@@ -75,13 +83,25 @@ CONFIGS = {
 ONE_AT_A_TIME = list(CONFIGS)
 # Second stage (run with --configs ... --finalists 0): combinations of the winning
 # one-knob changes at the budget of the recommended default.
-CONFIGS.update({
-    "F8": (dict(learning_rate=1e-2, steps=2000, patience_steps=1000), DATASETS),
-    "F16": (dict(n_blocks=16, lipschitz_coeff=0.99, learning_rate=1e-2, steps=2000,
-                 patience_steps=1000), DATASETS),
-    "F8beta4": (dict(learning_rate=1e-2, steps=2000, patience_steps=1000, beta=4.0),
-                DATASETS),  # MONKEYPATCH
-})
+CONFIGS.update(
+    {
+        "F8": (dict(learning_rate=1e-2, steps=2000, patience_steps=1000), DATASETS),
+        "F16": (
+            dict(
+                n_blocks=16,
+                lipschitz_coeff=0.99,
+                learning_rate=1e-2,
+                steps=2000,
+                patience_steps=1000,
+            ),
+            DATASETS,
+        ),
+        "F8beta4": (
+            dict(learning_rate=1e-2, steps=2000, patience_steps=1000, beta=4.0),
+            DATASETS,
+        ),  # MONKEYPATCH
+    }
+)
 PUBLIC = [name for name in CONFIGS if "beta" not in name]
 OUT = bench.DOCS / "tabular_defaults_results.json"
 
@@ -105,8 +125,11 @@ def run_one(name, dataset, seed, data_cache):
         steps, patience = cfg.pop("steps"), cfg.pop("patience_steps")
         beta = cfg.pop("beta", None)
         budget, per_epoch = bench.step_budget_params(
-            Xtr.shape[0], steps=steps, patience_steps=patience,
-            batch_size=cfg["batch_size"])
+            Xtr.shape[0],
+            steps=steps,
+            patience_steps=patience,
+            batch_size=cfg["batch_size"],
+        )
         params = {**cfg, **budget}
     default_b = activations.LipSwish.__init__.__defaults__
     if beta is not None:  # MONKEYPATCH, restored below
@@ -122,22 +145,42 @@ def run_one(name, dataset, seed, data_cache):
     hist = est.history_
     best_epoch = int(np.argmin([h.get("val_loss", np.inf) for h in hist])) + 1
     spe = per_epoch or bench.step_budget_params(Xtr.shape[0], batch_size=256)[1]
-    return dict(config=name, dataset=dataset, seed=seed,
-                params={k: (list(v) if isinstance(v, tuple) else v)
-                        for k, v in (params or {}).items()},
-                lipswish_beta_init_monkeypatch=beta,
-                test_ll=test_ll, fit_s=wall, cpu_s=cpu, loadavg=load,
-                epochs=est.n_iter_, steps_per_epoch=spe, steps=est.n_iter_ * spe,
-                best_epoch=best_epoch,
-                curve=[[h["epoch"], round(h.get("val_loss", float("nan")), 5),
-                        round(h["seconds"], 3)] for h in hist])
+    return dict(
+        config=name,
+        dataset=dataset,
+        seed=seed,
+        params={
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in (params or {}).items()
+        },
+        lipswish_beta_init_monkeypatch=beta,
+        test_ll=test_ll,
+        fit_s=wall,
+        cpu_s=cpu,
+        loadavg=load,
+        epochs=est.n_iter_,
+        steps_per_epoch=spe,
+        steps=est.n_iter_ * spe,
+        best_epoch=best_epoch,
+        curve=[
+            [
+                h["epoch"],
+                round(h.get("val_loss", float("nan")), 5),
+                round(h["seconds"], 3),
+            ]
+            for h in hist
+        ],
+    )
 
 
 def mean_rank(runs, names, datasets):
     ranks = {n: [] for n in names}
     for d in datasets:
-        scores = {r["config"]: r["test_ll"] for r in runs
-                  if r["dataset"] == d and r["seed"] == 0 and r["config"] in names}
+        scores = {
+            r["config"]: r["test_ll"]
+            for r in runs
+            if r["dataset"] == d and r["seed"] == 0 and r["config"] in names
+        }
         order = sorted(scores, key=lambda n: -scores[n])
         for i, n in enumerate(order):
             ranks[n].append(i + 1)
@@ -146,8 +189,9 @@ def mean_rank(runs, names, datasets):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", default=ONE_AT_A_TIME,
-                        choices=list(CONFIGS))
+    parser.add_argument(
+        "--configs", nargs="+", default=ONE_AT_A_TIME, choices=list(CONFIGS)
+    )
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
     parser.add_argument("--finalists", type=int, default=2)
     parser.add_argument("--out", default=str(OUT))
@@ -156,7 +200,9 @@ def main(argv=None):
     bench.threadpool_limits(1)
     info = bench.machine_info()
     info["command"] = "python " + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
-    info["centre"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in CENTRE.items()}
+    info["centre"] = {
+        k: (list(v) if isinstance(v, tuple) else v) for k, v in CENTRE.items()
+    }
     print(json.dumps(info), flush=True)
     out = Path(args.out)
     runs, cache, t_start = [], {}, time.perf_counter()
@@ -168,10 +214,13 @@ def main(argv=None):
     def do(name, dataset, seed):
         r = run_one(name, dataset, seed, cache)
         runs.append(r)
-        print(f"{name:10s} {dataset:13s} seed {seed}  test LL {r['test_ll']:9.4f}  "
-              f"fit {r['fit_s']:6.1f}s (cpu {r['cpu_s']:6.1f}s, load {r['loadavg']:.1f})  "
-              f"steps {r['steps']:5d}  best epoch {r['best_epoch']}/{r['epochs']}",
-              flush=True)
+        print(
+            f"{name:10s} {dataset:13s} seed {seed}  test LL {r['test_ll']:9.4f}  "
+            f"fit {r['fit_s']:6.1f}s (cpu {r['cpu_s']:6.1f}s, "
+            f"load {r['loadavg']:.1f})  "
+            f"steps {r['steps']:5d}  best epoch {r['best_epoch']}/{r['epochs']}",
+            flush=True,
+        )
         save()
 
     for dataset in args.datasets:
@@ -179,10 +228,13 @@ def main(argv=None):
             if dataset in CONFIGS[name][1]:
                 do(name, dataset, 0)
 
-    names = [n for n in args.configs if n in ONE_AT_A_TIME and n in PUBLIC
-             and n not in ("ref", "steps3000")]
+    names = [
+        n
+        for n in args.configs
+        if n in ONE_AT_A_TIME and n in PUBLIC and n not in ("ref", "steps3000")
+    ]
     ranks = mean_rank(runs, names, [d for d in args.datasets if d in TOYS])
-    finalists = sorted(ranks, key=ranks.get)[:args.finalists]
+    finalists = sorted(ranks, key=ranks.get)[: args.finalists]
     info["mean_rank_seed0"], info["finalists"] = ranks, finalists
     print("mean rank (seed 0):", ranks, "finalists:", finalists, flush=True)
     for dataset in args.datasets:
@@ -200,8 +252,10 @@ def report(path=OUT):
     runs = data["runs"]
     datasets = [d for d in DATASETS if any(r["dataset"] == d for r in runs)]
     names = [n for n in CONFIGS if any(r["config"] == n for r in runs)]
-    lines = ["| config | " + " | ".join(datasets) + " | toy CPU s (mean) | digits CPU s |",
-             "|---" * (len(datasets) + 3) + "|"]
+    lines = [
+        "| config | " + " | ".join(datasets) + " | toy CPU s (mean) | digits CPU s |",
+        "|---" * (len(datasets) + 3) + "|",
+    ]
     for n in names:
         cells, toy_cpu, dig_cpu = [], [], None
         for d in datasets:
@@ -216,8 +270,13 @@ def report(path=OUT):
                 toy_cpu += cpu
             else:
                 dig_cpu = cpu[0] if cpu else None
-        lines.append(f"| {n} | " + " | ".join(cells) + f" | {np.mean(toy_cpu):.0f} | "
-                     + (f"{dig_cpu:.0f}" if dig_cpu is not None else "") + " |")
+        lines.append(
+            f"| {n} | "
+            + " | ".join(cells)
+            + f" | {np.mean(toy_cpu):.0f} | "
+            + (f"{dig_cpu:.0f}" if dig_cpu is not None else "")
+            + " |"
+        )
     return "\n".join(lines)
 
 
