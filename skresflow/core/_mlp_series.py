@@ -1,29 +1,36 @@
-r"""Vector-Jacobian products of MLP branches in closed form, for the log-det series.
+r"""Vector-Jacobian products of MLP and convolutional branches in closed form,
+for the log-det series.
 
-For a branch ``g = L_K o a o ... o a o L_1`` of :class:`LipschitzLinear` layers and
-element-wise activations, the forward pass gives the factors of
+For a branch ``g = L_K o a o ... o a o L_1`` of linear layers (:class:`LipschitzLinear`,
+or stride-1 "same" :class:`LipschitzConv2d`) and element-wise activations, the
+forward pass gives the factors of
 
 .. math:: J_g(x) = W_K \, D_{K-1} \, W_{K-1} \cdots D_1 \, W_1, \qquad
           D_k = \operatorname{diag}\bigl(a'(h_k)\bigr)
 
-(:func:`~skresflow.core.jacobian._forward_factors`). A vector-Jacobian product
-``u^T J`` is then a chain of small matrix products and element-wise products
-with the saved factors, instead of an autograd backward pass through ``g``:
-about one operation per layer instead of several, and none of autograd's
-bookkeeping. The factors are differentiable functions of ``x`` and of the
-parameters (the slopes carry the activation's second derivative), so the terms
-that carry a gradient (the whole series with ``grad="naive"``, ``w^T J v`` for
-the Neumann gradient) are ordinary differentiable expressions: plain
-back-propagation replaces the double backward of the autograd path, with the
-same value and gradient to rounding.
+(:func:`~skresflow.core.jacobian._forward_factors`), where a convolution's
+``W_k`` is the linear map ``conv2d(., weight)`` (its adjoint is
+``conv_transpose2d``, its weight gradient ``conv2d_weight``). A vector-Jacobian
+product ``u^T J`` is then a chain of matrix products (transposed convolutions)
+and element-wise products with the saved factors, instead of an autograd
+backward pass through ``g``: about one operation per layer instead of several,
+and none of autograd's bookkeeping. The factors are differentiable functions of
+``x`` and of the parameters (the slopes carry the activation's second
+derivative), so the terms that carry a gradient (the whole series with
+``grad="naive"``, ``w^T J v`` for the Neumann gradient) are ordinary
+differentiable expressions: plain back-propagation replaces the double backward
+of the autograd path, with the same value and gradient to rounding.
 
 Two autograd Functions with hand-written backward passes keep autograd's graph
 small: :class:`_BranchFactors` (``g(x)`` and the slopes, for the ``naive``,
 ``neumann`` and ``backward_in_forward`` modes, whose series terms are then
 differentiated as products of the factors) and :class:`_DeferredNeumann` (the
 whole block in ``memory_efficient`` mode: the series without a graph, the
-gradient of ``w^T J v`` formed in the backward pass). Both back-propagate
-through the branch once, the slopes' gradients joining the output's through the
+gradient of ``w^T J v`` formed in the backward pass). Both keep only the
+layers' inputs that are not activation outputs (one tensor per hidden layer),
+recompute the activations' values and slopes in the backward pass
+(:func:`~skresflow.core.jacobian._restore`), and back-propagate through the
+branch once, the slopes' gradients joining the output's through the
 activations' second derivatives (:func:`_branch_backward`).
 """
 
@@ -51,15 +58,16 @@ __all__ = ["mlp_series_branch", "MLPSeries", "deferred_neumann"]
 
 
 def mlp_series_branch(g, x, n_probes, needs_grad):
-    """The closed-form series of an MLP branch, or ``None`` for other branches.
+    """The closed-form series of an MLP or conv branch, or ``None`` for others.
 
     Parameters
     ----------
     g : torch.nn.Module
-        The residual branch; anything but an MLP branch returns ``None``.
-    x : torch.Tensor of shape ``(batch, d)``
+        The residual branch; anything but an MLP branch (on ``(batch, d)`` rows)
+        or a conv branch (on ``(batch, c, h, w)`` images) returns ``None``.
+    x : torch.Tensor of shape ``(batch, *event)``
     n_probes : int
-        :meth:`MLPSeries.vjp` takes ``(n_probes * batch, d)`` rows, probe-major
+        :meth:`MLPSeries.vjp` takes ``(n_probes * batch, *event)`` rows, probe-major
         (row ``i`` of every block of ``batch`` rows belongs to ``x[i]``).
     needs_grad : bool
         Build the factors' graph. Without it everything runs without a graph.
@@ -83,7 +91,7 @@ class MLPSeries:
 
     Attributes
     ----------
-    gx : torch.Tensor of shape ``(batch, d)``
+    gx : torch.Tensor of shape ``(batch, *event)``
     inputs : tuple of torch.Tensor
         The factors (weights and slopes): the tensors a deferred gradient is
         returned for (:meth:`gradients`); autograd carries it on to ``x`` and to
@@ -131,8 +139,8 @@ def deferred_neumann(g, x, v, series):
     Parameters
     ----------
     g : torch.nn.Module
-    x : torch.Tensor of shape ``(batch, d)``
-    v : torch.Tensor of shape ``(n_probes * batch, d)``
+    x : torch.Tensor of shape ``(batch, *event)``
+    v : torch.Tensor of shape ``(n_probes * batch, *event)``
         The probes, probe-major.
     series : callable
         ``series(vjp)`` returns the estimate per probe row and the Neumann

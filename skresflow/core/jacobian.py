@@ -250,9 +250,10 @@ def _restore(modules, kept, tensors):
 def _forward_factors(g, x):
     """``g(x)`` and the factors of ``J_g(x)`` in the order they apply.
 
-    Each factor is ``("w", W)`` (a weight, shared by the batch) or
-    ``("d", slope)`` (a ``(batch, k)`` diagonal), so that
-    ``J = F_n ... F_1``. ``None`` for branches without a closed form.
+    Each factor is ``("w", W)`` (a dense weight, shared by the batch),
+    ``("c", weight)`` (a convolution's weight, see :func:`_conv`) or
+    ``("d", slope)`` (a diagonal, one value per element of the activation), so
+    that ``J = F_n ... F_1``. ``None`` for branches without a closed form.
     """
     if not _supported(g, x):
         return None

@@ -25,13 +25,16 @@ One entry point, :func:`logdet_estimate`, with string options:
     formed in the backward pass for the actual per-sample upstream gradients.
     ``"memory_efficient"``: both; the default.
 
-MLP branches (:class:`torch.nn.Sequential` of
-:class:`~skresflow.core.LipschitzLinear` layers and element-wise activations) get
+MLP and convolutional branches (:class:`torch.nn.Sequential` of element-wise
+activations and either :class:`~skresflow.core.LipschitzLinear` layers or
+stride-1 :class:`~skresflow.core.LipschitzConv2d` layers, as built by
+:func:`~skresflow.core.mlp_branch` and :func:`~skresflow.core.conv_branch`) get
 the series' vector-Jacobian products in closed form from the factors of their
-Jacobian (``skresflow.core._mlp_series``): a chain of small matrix and
-element-wise products per term instead of an autograd pass through ``g``, and
-plain back-propagation through those products instead of a double backward.
-Same draws, same value and gradient to rounding; any other branch uses autograd.
+Jacobian (``skresflow.core._mlp_series``): a chain of matrix products (or
+transposed convolutions) and element-wise products per term instead of an
+autograd pass through ``g``, and plain back-propagation through those products
+instead of a double backward. Same draws, same value and gradient to rounding;
+any other branch uses autograd.
 
 The value returned is always the honest estimate of the chosen estimator; only
 the gradient depends on ``grad``. All random draws (roulette length first, then
@@ -368,10 +371,10 @@ def _branch(g, x, n_probes, needs_grad):
     """``g(x)`` and the vector-Jacobian products of the series, on the
     probe-repeated rows.
 
-    MLP branches get closed-form products of their Jacobian factors
-    (:func:`~skresflow.core._mlp_series.mlp_series_branch`): no autograd pass per
-    term, and plain back-propagation instead of a double backward. Any other
-    branch uses autograd's vector-Jacobian products through ``g``.
+    MLP and convolutional branches get closed-form products of their Jacobian
+    factors (:func:`~skresflow.core._mlp_series.mlp_series_branch`): no autograd
+    pass per term, and plain back-propagation instead of a double backward. Any
+    other branch uses autograd's vector-Jacobian products through ``g``.
     """
     closed_form = mlp_series_branch(g, x, n_probes, needs_grad)
     return closed_form if closed_form is not None else _AutogradBranch(g, x, n_probes)
