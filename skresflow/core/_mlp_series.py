@@ -158,7 +158,7 @@ def deferred_neumann(g, x, v, series):
 
 
 class _DeferredNeumann(torch.autograd.Function):
-    """``g(x)`` and the log-det series of an MLP branch; backward by hand.
+    """``g(x)`` and the log-det series of an MLP or conv branch; backward by hand.
 
     Forward: one pass through the branch (its output, the Jacobian's factors and
     each module's input), then the series and the Neumann vector ``w`` without
@@ -167,8 +167,10 @@ class _DeferredNeumann(torch.autograd.Function):
     diagonal factor its diagonal), with ``t_j = F_j ... F_1 v`` and
     ``s_j = (F_n ... F_{j+1})^T (a w)``; the slopes' gradients then join the
     output's on the way back through the branch, via the activations' second
-    derivatives. Nothing but the branch's forward values, ``v`` and ``w`` is
-    kept between the passes, and the branch is traversed backward once.
+    derivatives. Nothing but ``x``, the layers' outputs (the activations'
+    inputs), ``v`` and ``w`` is kept between the passes; the activations' values
+    and slopes are recomputed, and the branch is traversed backward once.
+    First-order only: the backward pass is not itself differentiable.
     """
 
     @staticmethod
@@ -177,23 +179,24 @@ class _DeferredNeumann(torch.autograd.Function):
         h, factors, inputs = _run(modules, x, tensors)
         repeated = _repeat_slopes(factors, n_probes)
         est, w = series(lambda u, _: vector_jacobian(repeated, u))
-        ctx.save_for_backward(*tensors)
+        ctx.save_for_backward(x, *tensors)  # x saved: in-place changes are caught
         ctx.modules, ctx.n_probes = modules, n_probes
-        ctx.kept, ctx.v, ctx.w = _kept_inputs(modules, inputs), v, w
+        ctx.kept, ctx.v, ctx.w = _kept_inputs(modules, inputs)[1:], v, w
         return h, est
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_out, g_est):
-        tensors = ctx.saved_tensors
-        restored = _restore(ctx.modules, ctx.kept, tensors)
+        x, *tensors = ctx.saved_tensors
+        kept = [x, *ctx.kept]
+        restored = _restore(ctx.modules, kept, tensors)
         g_factor = {}
         if g_est is not None:
             s = ctx.w * g_est.view(-1, *([1] * (ctx.w.dim() - 1)))
             repeated = _repeat_slopes(restored[0], ctx.n_probes)
             g_factor = _factor_grads(repeated, ctx.v, s, ctx.n_probes)
         if g_out is None:
-            g_out = torch.zeros_like(ctx.kept[0])
+            g_out = torch.zeros_like(x)
         g_x, grads = _branch_backward(ctx.modules, restored, tensors, g_out, g_factor)
         return None, None, None, g_x, *grads
 
@@ -216,16 +219,17 @@ def _differentiable_factors(modules, x, tensors):
 
 
 class _BranchFactors(torch.autograd.Function):
-    """``g(x)`` and the slopes ``a'(h_k)`` of an MLP branch, with a hand-written
-    backward pass: the slopes' gradients join the output's on the way back
-    through the branch, via the activations' second derivatives. Keeps each
-    module's input and the slopes; no graph of the activations' formulas."""
+    """``g(x)`` and the slopes ``a'(h_k)`` of an MLP or conv branch, with a
+    hand-written backward pass: the slopes' gradients join the output's on the
+    way back through the branch, via the activations' second derivatives. Keeps
+    ``x`` and the layers' outputs (the activations' inputs) and recomputes the
+    activations' values and slopes; no graph of the activations' formulas."""
 
     @staticmethod
     def forward(ctx, modules, x, *tensors):
         h, factors, inputs = _run(modules, x, tensors)
         ctx.save_for_backward(x, *tensors)
-        ctx.modules, ctx.kept = modules, _kept_inputs(modules, inputs)
+        ctx.modules, ctx.kept = modules, _kept_inputs(modules, inputs)[1:]
         return (h, *[f for kind, f in factors if kind == "d"])
 
     @staticmethod
@@ -238,13 +242,13 @@ class _BranchFactors(torch.autograd.Function):
                 outputs, (g_out, *g_slopes), (x, *tensors), ctx.needs_input_grad[1:]
             )
             return None, *grads
-        restored = _restore(ctx.modules, ctx.kept, tensors)
+        restored = _restore(ctx.modules, [x, *ctx.kept], tensors)
         diagonal = [i for i, (kind, _) in enumerate(restored[0]) if kind == "d"]
         g_factor = {
             i: g for i, g in zip(diagonal, g_slopes, strict=True) if g is not None
         }
         if g_out is None:
-            g_out = torch.zeros_like(ctx.kept[0])
+            g_out = torch.zeros_like(x)
         g_x, grads = _branch_backward(ctx.modules, restored, tensors, g_out, g_factor)
         return None, g_x, *grads
 

@@ -59,8 +59,9 @@ class Flow(nn.Module):
         """Map data to latent: returns ``(z, logdet)`` with the summed log-det."""
         # One batched refresh of the dense layers instead of one per layer (after
         # an optimizer step every layer is stale), then their normalised weights
-        # computed together. Convolutions refresh in their own forward: their
-        # norm depends on the input size they see there.
+        # computed together. Convolutions refresh when their weight is
+        # normalised for an input (their own forward, or the closed-form series
+        # of their branch): their norm depends on the input size.
         dense = [m for m in self.modules() if isinstance(m, LipschitzLinear)]
         refresh_layers(dense)
         logdet = x.new_zeros(x.shape[0])

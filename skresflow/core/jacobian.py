@@ -15,6 +15,13 @@ narrowest layer first, and the gradient comes from a hand-written backward pass
 product per input dimension, and a double backward when training) costs several
 times more. Branches with other modules return ``None`` and callers fall back on
 autograd.
+
+The factors, the branch's forward pass (:func:`_run`) and the hand-written
+back-propagation through it (:func:`_branch_backward`) also serve branches of
+stride-1 "same" convolutions (a convolution is a linear map: product
+``conv2d``, adjoint ``conv_transpose2d``), for the log-det power series of
+``skresflow.core._mlp_series``. The exact log-det and Jacobian here take dense
+branches only (their ``x.dim() == 2`` checks keep convolutions out).
 """
 
 import torch
@@ -216,9 +223,11 @@ def _layer_kind(module):
 
 def _kept_inputs(modules, inputs):
     """The module inputs a hand-written backward pass keeps: all but the
-    activations' outputs, which :func:`_restore` recomputes element-wise from
-    their inputs (saving them, and the slopes, would keep three tensors per
-    hidden layer instead of one)."""
+    activations' outputs (``None`` in their place), which :func:`_restore`
+    recomputes element-wise from their inputs (saving them, and the slopes,
+    would keep three tensors per hidden layer instead of one). The first entry
+    is the branch's input ``x``, which the Functions save with
+    ``save_for_backward`` instead, so that in-place changes to it are caught."""
     return [
         None if i and not isinstance(modules[i - 1], _LAYERS) else inp
         for i, inp in enumerate(inputs)
@@ -352,7 +361,7 @@ class _ClosedFormLogdet(torch.autograd.Function):
         prefixes = _transposed_prefixes([f[1:] for f in _rotated(factors, cut)])
         ctx.save_for_backward(x, *tensors)
         ctx.modules, ctx.cut = modules, cut
-        ctx.kept, ctx.prefixes = _kept_inputs(modules, inputs), prefixes
+        ctx.kept, ctx.prefixes = _kept_inputs(modules, inputs)[1:], prefixes
         return h, logabsdet_identity_plus(prefixes[-1].expand(x.shape[0], -1, -1))
 
     @staticmethod
@@ -365,7 +374,7 @@ class _ClosedFormLogdet(torch.autograd.Function):
             )
             return None, None, *grads
         modules, b = ctx.modules, x.shape[0]
-        restored = _restore(modules, ctx.kept, tensors)
+        restored = _restore(modules, [x, *ctx.kept], tensors)
         rotated = _rotated(restored[0], ctx.cut)
         # Gradients of the factors of M, all transposed: q = Q_i^T, (batch, k, m).
         n = ctx.prefixes[-1].expand(b, -1, -1)  # M^T

@@ -24,6 +24,9 @@ One entry point, :func:`logdet_estimate`, with string options:
     backward: each block keeps only its probes and draws, and its gradient is
     formed in the backward pass for the actual per-sample upstream gradients.
     ``"memory_efficient"``: both; the default.
+    The two deferred modes give first-order gradients only (their backward
+    passes are not differentiable); for higher derivatives of a loss
+    (``create_graph=True``) use ``"naive"`` or ``"neumann"``.
 
 MLP and convolutional branches (:class:`torch.nn.Sequential` of element-wise
 activations and either :class:`~skresflow.core.LipschitzLinear` layers or

@@ -1,6 +1,6 @@
-"""The closed-form series of MLP branches (skresflow.core._mlp_series) against the
-autograd path: same generator draws, same value and gradients to rounding, in every
-gradient mode, for both series estimators and every activation."""
+"""The closed-form series of MLP and conv branches (skresflow.core._mlp_series)
+against the autograd path: same generator draws, same value and gradients to
+rounding, in every gradient mode, for both series estimators and every activation."""
 
 import pytest
 import torch
@@ -208,3 +208,40 @@ def test_gradgradcheck_closed_form_naive():
         return logdet_estimate(g, x, grad="naive", generator=seeded(3))
 
     assert torch.autograd.gradgradcheck(fn, (x.requires_grad_(), *g.parameters()))
+
+
+def odd_conv_branch(seed):
+    """A convolution first, without bias; a 1x1 and a 5x5 convolution in a row;
+    two activations in a row at the end."""
+    from skresflow.core import LipschitzConv2d
+
+    layers = [
+        LipschitzConv2d(2, 3, 1, bias=False, coeff=0.9),
+        LipSwish(),
+        LipschitzConv2d(3, 3, 1, coeff=0.9),
+        LipschitzConv2d(3, 2, 5, coeff=0.9),
+        LipSwish(),
+        torch.nn.ELU(),
+    ]
+    return fill_parameters_(torch.nn.Sequential(*layers).to(DTYPE), seed)
+
+
+@pytest.mark.parametrize("sharing", ["per_sample", "shared", "row_hash"])
+@pytest.mark.parametrize("grad", GRAD_MODES)
+def test_closed_form_of_unusual_conv_branches_equals_autograd(grad, sharing):
+    g = odd_conv_branch(seed=3)
+    kwargs = {"grad": grad, "n_probes": 2, "probe_sharing": sharing}
+    for shape, seed in (((3, 2, 4, 5), 11), ((2, 2, 6, 3), 12)):  # sizes change
+        x = randn(*shape, seed=seed, scale=1.5)
+        leaf, a = x.clone().requires_grad_(), randn(shape[0], seed=seed + 1)
+
+        def estimate(module):
+            return lambda _, rows: logdet_estimate(
+                module, rows, generator=seeded(4), **kwargs
+            )
+
+        value, grads = weighted_grads(estimate(g), g, leaf, a)
+        expected_value, expected = weighted_grads(estimate(Opaque(g)), g, leaf, a)
+        assert grads.abs().max() > 1e-3
+        torch.testing.assert_close(value, expected_value, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
