@@ -142,7 +142,7 @@ def _lipswish_backward(h, raw_beta, parts, slope, g_value, g_slope):
     c = q * (2 + z * torch.rsub(s, 1, alpha=2))
     g_slope_c = g_slope * c
     g_h = torch.addcmul(g_value * slope, g_slope_c, beta, value=1 / 1.1)
-    g_beta = torch.addcmul(g_slope_c, g_value * h, q).flatten() @ h.flatten()
+    g_beta = (torch.addcmul(g_slope_c, g_value * h, q) * h).sum()
     return g_h, g_beta * (torch.sigmoid(raw_beta) / 1.1)
 
 

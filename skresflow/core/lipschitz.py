@@ -115,10 +115,11 @@ def _refresh_exact(layers):
             u[fail], v[fail] = _top_singular_vectors(w[fail], gram[fail], right)
             s = _rayleigh(w[fail], u[fail], v[fail])
             sigma[fail] = _keep_if_near(stored[fail], s, rtol)
-        for layer, sigma_i, u_i, v_i in zip(layers, sigma, u, v, strict=True):
-            layer.sigma.copy_(sigma_i)
-            layer._u.copy_(u_i)
-            layer._v.copy_(v_i)
+        # One dispatch per kind of buffer instead of three copies per layer.
+        torch._foreach_copy_([layer.sigma for layer in layers], list(sigma))
+        torch._foreach_copy_([layer._u for layer in layers], list(u))
+        torch._foreach_copy_([layer._v for layer in layers], list(v))
+        for layer in layers:
             layer._key = layer._weight_key()
             layer.last_power_iter = 0
 
