@@ -28,6 +28,23 @@ class Opaque(torch.nn.Module):
         return self.g(x)
 
 
+def assert_equals_autograd(g, x, a, **kwargs):
+    """Value and gradients (x and parameters, weighted per row by ``a``) of the
+    closed form equal those of the autograd path for the same draws."""
+    leaf = x.clone().requires_grad_()
+
+    def estimate(module):
+        return lambda _, rows: logdet_estimate(
+            module, rows, generator=seeded(4), **kwargs
+        )
+
+    value, grads = weighted_grads(estimate(g), g, leaf, a)
+    expected_value, expected = weighted_grads(estimate(Opaque(g)), g, leaf, a)
+    assert grads.abs().max() > 1e-3
+    torch.testing.assert_close(value, expected_value, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
+
+
 def branch(d, hidden, activation, preactivation, seed):
     g = mlp_branch(
         d, hidden, coeff=0.9, activation=activation, preactivation=preactivation
@@ -55,17 +72,9 @@ def test_closed_form_equals_autograd_for_same_draws(
     g = branch(d, hidden, activation, preactivation, seed)
     x = randn(5, d, seed=20 + seed, scale=1.5)
     assert mlp_series_branch(g, x, 1, False) is not None  # the closed form applies
-    leaf, a = x.clone().requires_grad_(), randn(5, seed=21)  # per-row weights
+    a = randn(5, seed=21)  # per-row weights
     kwargs = {"estimator": estimator, "n_exact_terms": 3, "grad": grad, **options}
-
-    def estimate(module):
-        return lambda _, x: logdet_estimate(module, x, generator=seeded(4), **kwargs)
-
-    value, grads = weighted_grads(estimate(g), g, leaf, a)
-    expected_value, expected = weighted_grads(estimate(Opaque(g)), g, leaf, a)
-    assert grads.abs().max() > 1e-3
-    torch.testing.assert_close(value, expected_value, rtol=1e-12, atol=1e-13)
-    torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
+    assert_equals_autograd(g, x, a, **kwargs)
 
 
 def bias_free_branch(d, seed):
@@ -155,23 +164,10 @@ def test_closed_form_of_conv_branches_equals_autograd(grad, estimator, activatio
     g = image_branch(2, 3, activation, seed=7)
     x = randn(3, 2, 4, 5, seed=8, scale=1.5)
     assert mlp_series_branch(g, x, 1, False) is not None
-    leaf, a = x.clone().requires_grad_(), randn(3, seed=9)
-    kwargs = {
-        "estimator": estimator,
-        "n_exact_terms": 3,
-        "grad": grad,
-        "n_probes": 2,
-        "probe": "rademacher",
-    }
-
-    def estimate(module):
-        return lambda _, x: logdet_estimate(module, x, generator=seeded(4), **kwargs)
-
-    value, grads = weighted_grads(estimate(g), g, leaf, a)
-    expected_value, expected = weighted_grads(estimate(Opaque(g)), g, leaf, a)
-    assert grads.abs().max() > 1e-3
-    torch.testing.assert_close(value, expected_value, rtol=1e-12, atol=1e-13)
-    torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
+    kwargs = {"estimator": estimator, "n_exact_terms": 3, "grad": grad}
+    assert_equals_autograd(
+        g, x, randn(3, seed=9), n_probes=2, probe="rademacher", **kwargs
+    )
 
 
 @pytest.mark.parametrize(
@@ -233,15 +229,4 @@ def test_closed_form_of_unusual_conv_branches_equals_autograd(grad, sharing):
     kwargs = {"grad": grad, "n_probes": 2, "probe_sharing": sharing}
     for shape, seed in (((3, 2, 4, 5), 11), ((2, 2, 6, 3), 12)):  # sizes change
         x = randn(*shape, seed=seed, scale=1.5)
-        leaf, a = x.clone().requires_grad_(), randn(shape[0], seed=seed + 1)
-
-        def estimate(module):
-            return lambda _, rows: logdet_estimate(
-                module, rows, generator=seeded(4), **kwargs
-            )
-
-        value, grads = weighted_grads(estimate(g), g, leaf, a)
-        expected_value, expected = weighted_grads(estimate(Opaque(g)), g, leaf, a)
-        assert grads.abs().max() > 1e-3
-        torch.testing.assert_close(value, expected_value, rtol=1e-12, atol=1e-13)
-        torch.testing.assert_close(grads, expected, rtol=1e-10, atol=1e-12)
+        assert_equals_autograd(g, x, randn(shape[0], seed=seed + 1), **kwargs)
