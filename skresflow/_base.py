@@ -293,6 +293,10 @@ class BaseResidualFlow(BaseEstimator):
             return perm, perm[:0]
         return perm[n_val:], perm[:n_val]
 
+    def _auto_steps(self):
+        """Optimiser steps that ``max_iter="auto"`` aims at."""
+        return AUTO_STEPS[self._data_kind()]
+
     def _run_epochs(self, flow, train, val, n_epochs, warn, incremental, resume):
         n_train = train[0].shape[0]
         batch_size = min(self.batch_size, n_train)
@@ -304,7 +308,7 @@ class BaseResidualFlow(BaseEstimator):
             )
             has_val = self._dp.any(has_val)
         if n_epochs == "auto":
-            n_epochs = -(-AUTO_STEPS[self._data_kind()] // steps_per_epoch)
+            n_epochs = -(-self._auto_steps() // steps_per_epoch)
         patience = self.n_iter_no_change
         if patience == "auto":
             patience = max(10, -(-AUTO_PATIENCE_STEPS // steps_per_epoch))
@@ -314,7 +318,7 @@ class BaseResidualFlow(BaseEstimator):
             # partial_fit: open-ended, warm-up over a tenth of the auto budget
             total_steps=None if incremental else n_epochs * steps_per_epoch,
             warmup_steps=(
-                AUTO_STEPS[self._data_kind()] // 10
+                self._auto_steps() // 10
                 if incremental
                 else min(500, steps_per_epoch * max(n_epochs // 10, 1))
             ),

@@ -26,6 +26,10 @@ SCORING_EXACT_TERMS = 20  # series terms when scoring with the unbiased estimato
 # trained faster and better than wide ones at the default step budget; depth helps
 # low-dimensional data most, where the exact log-det keeps 16 blocks cheap.
 AUTO_BLOCKS = {"low_dim": 16, "tabular": 8, "image": 2}
+# max_iter="auto" for low-dimensional tables (up to EXACT_TRAIN_MAX_FEATURES):
+# 3,000 optimiser steps instead of AUTO_STEPS' 2,000 (docs/benchmarks/
+# tabular_defaults.md, "More steps for low-dimensional data").
+AUTO_STEPS_LOW_DIM = 3000
 AUTO_HIDDEN_DIMS = {"tabular": (32, 32), "image": (128, 128)}
 # Images (docs/benchmarks/digits.md): 2 conv blocks per scale (and 600 optimiser
 # steps, AUTO_STEPS in _base.py) beat a tuned GaussianMixture on digits in a few
@@ -94,11 +98,11 @@ default="memory_efficient"
         Gradient of the series estimators (see :func:`skresflow.core.logdet_estimate`).
     max_iter : int or "auto", default="auto"
         Maximum number of epochs. ``"auto"``: as many as make about 2,000
-        optimiser steps (``ceil(2000 / steps_per_epoch)``, so 134 epochs for 4,000
-        rows, 26 for 20,000), which the defaults experiment found enough for a
-        good model at a few minutes of CPU time; for images about 600 steps
-        (``ceil(600 / steps_per_epoch)``, 100 epochs for 1,500 digits with the
-        default validation split).
+        optimiser steps (``ceil(2000 / steps_per_epoch)``), 3,000 for tables of
+        up to 8 features (200 epochs for 4,000 rows, 43 for 20,000), which the
+        defaults experiments found enough for a good model at a minute or two of
+        CPU time; for images about 600 steps (``ceil(600 / steps_per_epoch)``,
+        100 epochs for 1,500 digits with the default validation split).
     batch_size : int, default=256
     learning_rate : float or "auto", default="auto"
         Peak Adam learning rate (linear warm-up over the first 10% of steps, at
@@ -314,6 +318,11 @@ default="memory_efficient"
             return AUTO_BLOCKS["image"]
         low = self._n_dims <= EXACT_TRAIN_MAX_FEATURES
         return AUTO_BLOCKS["low_dim" if low else "tabular"]
+
+    def _auto_steps(self):
+        if not self._is_image and self._n_dims <= EXACT_TRAIN_MAX_FEATURES:
+            return AUTO_STEPS_LOW_DIM
+        return super()._auto_steps()
 
     def _hidden_dims(self):
         if self.hidden_dims != "auto":

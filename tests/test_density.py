@@ -177,9 +177,12 @@ def test_validation_runs_every_few_epochs_on_small_data(moons):
 
 
 def test_auto_training_length_counts_optimiser_steps(moons, monkeypatch):
-    monkeypatch.setattr(base_module, "AUTO_STEPS", {"tabular": 20, "image": 20})
+    monkeypatch.setattr(base_module, "AUTO_STEPS", {"tabular": 40, "image": 40})
+    monkeypatch.setattr(density_module, "AUTO_STEPS_LOW_DIM", 20)
     est = _fit(moons, max_iter="auto", learning_rate="auto")
-    assert est.n_iter_ == 3  # 540 training rows / 64 = 9 steps per epoch
+    assert est.n_iter_ == 3  # 20 steps; 540 training rows / 64 = 9 steps per epoch
+    wide = np.hstack([moons] * 5)  # 10 features: more than the low-dimensional 8
+    assert _fit(wide, max_iter="auto").n_iter_ == 5  # 40 steps
     assert est._learning_rate() == base_module.AUTO_LEARNING_RATE["tabular"]
     defaults = ResidualFlowDensity().get_params()
     assert defaults["max_iter"] == defaults["n_iter_no_change"] == "auto"
