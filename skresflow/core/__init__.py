@@ -18,7 +18,14 @@ from .layers import (
     Squeeze,
 )
 from .lipschitz import LipschitzConv2d, LipschitzLinear
-from .logdet import ESTIMATORS, GRAD_MODES, logdet_estimate, residual_logdet, row_hash
+from .logdet import (
+    ESTIMATORS,
+    GRAD_MODES,
+    hash_rows_by,
+    logdet_estimate,
+    residual_logdet,
+    row_hash,
+)
 
 __all__ = [
     "ACTIVATIONS",
@@ -48,6 +55,7 @@ __all__ = [
     "quantize",
     "residual_logdet",
     "row_hash",
+    "hash_rows_by",
     "standardizer",
     "tabular_flow",
 ]

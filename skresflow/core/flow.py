@@ -12,6 +12,7 @@ from .lipschitz import (
     refresh_layers,
     shared_normalization,
 )
+from .logdet import hash_rows_by
 
 __all__ = ["Flow", "LipschitzError"]
 
@@ -65,7 +66,7 @@ class Flow(nn.Module):
         dense = [m for m in self.modules() if isinstance(m, LipschitzLinear)]
         refresh_layers(dense)
         logdet = x.new_zeros(x.shape[0])
-        with shared_normalization(dense):
+        with shared_normalization(dense), hash_rows_by(x):
             for layer in self.layers:
                 x, ld = layer(x, generator)
                 logdet = logdet + ld

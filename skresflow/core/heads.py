@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from .blocks import ResidualBlock
 from .flow import Flow
 from .layers import ActNorm, FactorOut, Reshape, Squeeze
+from .logdet import hash_rows_by
 
 __all__ = [
     "HybridFlow",
@@ -140,7 +141,8 @@ class HybridFlow(Flow):
         None): the pass costs one evaluation of every residual branch.
         """
         taps = []
-        z, logdet = _walk(self.layers, x, generator, density, taps)
+        with hash_rows_by(x):
+            z, logdet = _walk(self.layers, x, generator, density, taps)
         logits = self.head(z, taps)
         return (self.base_log_prob(z) + logdet if density else None), logits
 

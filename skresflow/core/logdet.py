@@ -49,6 +49,8 @@ processes compute the same number of series terms (none waits on another) while
 their probes stay independent.
 """
 
+import contextlib
+import contextvars
 import math
 
 import torch
@@ -57,7 +59,14 @@ from torch.autograd.function import once_differentiable
 from ._mlp_series import deferred_neumann, mlp_series_branch
 from .jacobian import branch_logdet, logabsdet_identity_plus
 
-__all__ = ["logdet_estimate", "residual_logdet", "row_hash", "ESTIMATORS", "GRAD_MODES"]
+__all__ = [
+    "logdet_estimate",
+    "residual_logdet",
+    "row_hash",
+    "hash_rows_by",
+    "ESTIMATORS",
+    "GRAD_MODES",
+]
 
 ESTIMATORS = ("exact", "unbiased", "truncated")
 GRAD_MODES = ("memory_efficient", "neumann", "backward_in_forward", "naive")
@@ -107,9 +116,11 @@ def logdet_estimate(
         - ``probe_sharing`` ({"per_sample", "shared", "row_hash"}, default
           "per_sample"): fresh probes for every row; the same probes for every
           row; or probes picked from a table of 256 draws by a hash of the row's
-          values. With the last two a row's estimate does not depend on the other
-          rows of the batch; ``"row_hash"`` also keeps the errors of distinct rows
-          nearly independent, so averages over rows are accurate.
+          values (of the flow's input inside :func:`hash_rows_by`, as a
+          :class:`~skresflow.core.Flow` does). With the last two a row's estimate
+          does not depend on the other rows of the batch; ``"row_hash"`` also
+          keeps the errors of distinct rows nearly independent, so averages over
+          rows are accurate.
         - ``roulette`` ({"geometric", "poisson"}, default "geometric").
         - ``p`` (float, default 0.5): success probability of the geometric
           distribution.
@@ -328,6 +339,38 @@ def row_hash(x, n_buckets):
     return (h ^ (h >> 29)).remainder(n_buckets)
 
 
+# The rows whose hash picks "row_hash" probes: the flow's input, set by Flow.
+_HASHED_ROWS = contextvars.ContextVar("skresflow_hashed_rows", default=None)
+
+
+@contextlib.contextmanager
+def hash_rows_by(x):
+    """Pick ``"row_hash"`` probes by a hash of ``x`` (a batch of the same rows).
+
+    A block's input is the output of floating-point arithmetic whose last bits
+    may depend on the rest of the batch (GPU matrix kernels are chosen by batch
+    size), and any change of bits changes a hash. A flow therefore hashes its
+    own input, the user's data, once, and every block inside this context uses
+    that hash; outside it a block hashes its own input. The hash is computed on
+    first use.
+    """
+    token = _HASHED_ROWS.set([x, None])
+    try:
+        yield
+    finally:
+        _HASHED_ROWS.reset(token)
+
+
+def _row_keys(x):
+    """Table index of each row of ``x``: see :func:`hash_rows_by`."""
+    hashed = _HASHED_ROWS.get()
+    if hashed is None or hashed[0].shape[0] != x.shape[0]:
+        return row_hash(x, _HASH_TABLE_SIZE)
+    if hashed[1] is None:
+        hashed[1] = row_hash(hashed[0], _HASH_TABLE_SIZE).to(x.device)
+    return hashed[1]
+
+
 def _probes(x, opts, generator):
     n_probes, b, event = opts["n_probes"], x.shape[0], x.shape[1:]
     sharing = opts["probe_sharing"]
@@ -343,11 +386,7 @@ def _probes(x, opts, generator):
             - 1
         )
     v = v.to(x.device)
-    v = (
-        v[:, row_hash(x, _HASH_TABLE_SIZE)]
-        if sharing == "row_hash"
-        else v.expand(n_probes, b, *event)
-    )
+    v = v[:, _row_keys(x)] if sharing == "row_hash" else v.expand(n_probes, b, *event)
     return v.reshape(n_probes * b, *event)
 
 

@@ -179,3 +179,44 @@ def test_configure_logdet_reaches_every_block(trained, grad):
     flow = copy.deepcopy(trained[0]).configure_logdet(grad=grad, n_probes=2)
     assert all(b.logdet_config["grad"] == grad and b.logdet_config["n_probes"] == 2
                for b in flow.blocks)
+
+
+class _BatchDependentRounding(torch.nn.Module):
+    """Changes the last bits of every value with the batch size, as a GPU's
+    matrix kernels (chosen by batch size) can."""
+
+    def forward(self, x, generator=None):
+        return x * (1 + 4e-16 * (x.shape[0] % 3)), x.new_zeros(x.shape[0])
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_row_hashed_probes_follow_the_flow_input_not_the_block_input(hybrid):
+    from skresflow.core.heads import HybridFlow, LinearHead
+
+    block = ResidualBlock(
+        mlp_branch(2, (16,), coeff=COEFF),
+        estimator="unbiased",
+        n_exact_terms=1,
+        probe_sharing="row_hash",
+    )
+    fill_parameters_(block, seed=0)
+    flow = Flow([_BatchDependentRounding(), block], (2,)).to(DTYPE).eval()
+    if hybrid:
+        flow = HybridFlow(flow, LinearHead(2, 3)).to(DTYPE)
+    x = randn(12, 2, seed=1)
+
+    def score(rows):
+        with torch.no_grad():  # the same draws for every call
+            if hybrid:
+                return flow.classify(rows, torch.Generator().manual_seed(0))[0]
+            return flow.log_prob(rows, torch.Generator().manual_seed(0))
+
+    full, part = score(x), score(x[:10])
+    assert not torch.equal(flow.layers[0](x)[0][:10], flow.layers[0](x[:10])[0])
+    torch.testing.assert_close(part, full[:10], rtol=1e-12, atol=1e-12)
+    # Outside a flow a block still hashes its own input: a direct call changes.
+    with torch.no_grad():
+        direct = block(flow.layers[0](x)[0], torch.Generator().manual_seed(0))[1]
+        y_part = flow.layers[0](x[:10])[0]
+        direct_part = block(y_part, torch.Generator().manual_seed(0))[1]
+    assert (direct[:10] - direct_part).abs().max() > 1e-6
