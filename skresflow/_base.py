@@ -97,7 +97,8 @@ class BaseResidualFlow(BaseEstimator):
     }
 
     # ------------------------------------------------------------------ hooks
-    def _build_flow(self, X, sample_weight):
+    def _build_flow(self, X, sample_weight, device="cpu"):
+        """The flow for ``X``, on ``device``, data-dependent parts initialised."""
         raise NotImplementedError
 
     def _configure_for_training(self, flow):
@@ -252,7 +253,7 @@ class BaseResidualFlow(BaseEstimator):
                 torch.manual_seed(seed)
                 # Built (and initialised) in float32, then cast to ``dtype``.
                 build = tuple(t.float() for t in build)
-                flow = self._build_flow(*build).to(self.device_, dtype)
+                flow = self._build_flow(*build, device=self.device_).to(dtype)
             if self._dp is not None:
                 self._dp.broadcast_module(flow)
         else:

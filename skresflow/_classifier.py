@@ -346,10 +346,10 @@ hidden_dims_, logdet_estimator_, scoring_estimator_
             )
         return HybridFlow(flow, module)
 
-    def _build_flow(self, X, sample_weight):
-        flow = super()._build_flow(X, sample_weight)
+    def _build_flow(self, X, sample_weight, device="cpu"):
+        flow = super()._build_flow(X, sample_weight, device)
         with torch.no_grad():  # data-dependent init of the head's ActNorms
-            flow.classify(self._training_view(X[:2048]), density=False)
+            flow.classify(self._training_view(X[:2048]).to(device), density=False)
         return flow
 
     def _batch_loss(self, flow, X, w, generator, y=None):

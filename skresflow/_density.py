@@ -244,7 +244,7 @@ default="memory_efficient"
     def _n_dims(self):
         return int(np.prod(self.event_shape_))
 
-    def _build_flow(self, X, sample_weight):
+    def _build_flow(self, X, sample_weight, device="cpu"):
         self.n_blocks_, self.hidden_dims_ = self._n_blocks(), self._hidden_dims()
         centres = self._training_view(X)
         if self._is_image and self.n_bins:
@@ -252,16 +252,18 @@ default="memory_efficient"
         else:
             noise_var = 0.0 if self.n_bins is None else 1 / (12 * self.n_bins**2)
             preprocessing = standardizer(centres, sample_weight, noise_var=noise_var)
-        flow = self._make_flow(preprocessing)
+        # Weights are drawn on the CPU (the same initial model on every device);
+        # the ActNorm pass, the costly part for large image models, runs on device.
+        flow = self._make_flow(preprocessing).to(device)
         idx = torch.randperm(X.shape[0], generator=self._generator)[:2048]
         if not self.n_bins:
-            return initialize_actnorm(flow, X[idx])
+            return initialize_actnorm(flow, X[idx].to(device))
         # ActNorm statistics from one dequantised draw, the data training sees (on
         # the bin centres an always-zero pixel has variance 0). For MLP flows on
         # flattened digits the evidence is split by model (docs/guide_images.md);
         # this is the choice that does not depend on it.
         y, _ = dequantize(X[idx], self.n_bins, self._generator, noise="random")
-        return initialize_actnorm(flow, y)
+        return initialize_actnorm(flow, y.to(device))
 
     def _make_flow(self, preprocessing):
         """The architecture for ``event_shape_``, before any data is seen."""

@@ -79,3 +79,30 @@ def test_safe_file_from_gpu_loads_on_cpu(gpu_fit, moons, tmp_path):
     np.testing.assert_allclose(
         cpu.score_samples(moons[:20]), gpu_fit.score_samples(moons[:20]), atol=1e-4
     )
+
+
+def test_fit_leaves_global_cuda_rng_alone(moons):
+    state = torch.cuda.get_rng_state()
+    ResidualFlowDensity(**SMALL, device="cuda").fit(moons)
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+
+
+def test_same_random_state_same_gpu_model(moons, gpu_fit):
+    again = ResidualFlowDensity(**SMALL, device="cuda").fit(moons)
+    np.testing.assert_allclose(
+        again.score_samples(moons[:50]), gpu_fit.score_samples(moons[:50]), atol=1e-5
+    )
+
+
+def test_image_classifier_and_outlier_detector_fit_on_gpu():
+    from skresflow import ResidualFlowClassifier, ResidualFlowOutlierDetector
+    from skresflow.datasets import load_digits_images
+
+    images, labels = load_digits_images()
+    X, y = images[:200, None], labels[:200]
+    tiny = dict(n_blocks=1, hidden_channels=8, n_bins=17, max_iter=2, random_state=0)
+    clf = ResidualFlowClassifier(**tiny, device="cuda").fit(X, y)
+    assert clf.device_.type == "cuda"
+    assert clf.predict_proba(X[:10]).shape == (10, len(np.unique(y)))
+    det = ResidualFlowOutlierDetector(**tiny, device="cuda").fit(X)
+    assert set(np.unique(det.predict(X[:20]))) <= {-1, 1}

@@ -162,14 +162,15 @@ def _scales(shape, n_scales, scale, end, factor_out):
 def initialize_actnorm(flow, X):
     """Data-dependent ActNorm initialisation: one pass of ``X`` through the flow.
 
-    Uses the cheapest log-det (one truncated term; the value is discarded) and
+    Uses the cheapest log-det (one truncated term; the value is discarded, so
+    its probe comes from a private generator, never torch's global one) and
     restores the blocks' configuration afterwards.
     """
     saved = [dict(block.logdet_config) for block in flow.blocks]
     flow.configure_logdet(estimator="truncated", n_exact_terms=1)
     try:
         with torch.no_grad():
-            flow(X)
+            flow(X, torch.Generator(X.device).manual_seed(0))
     finally:
         for block, config in zip(flow.blocks, saved, strict=True):
             block.logdet_config = config
