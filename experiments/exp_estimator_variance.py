@@ -63,7 +63,7 @@ def fit_model(args):
         n_iter_no_change=None,
         random_state=args.seed,
     ).fit(X_train)
-    return est, torch.tensor(X_test)
+    return est, torch.tensor(X_test, device=est.device_)
 
 
 def measure(flow, X, config, repeats, seed):
@@ -74,7 +74,7 @@ def measure(flow, X, config, repeats, seed):
         for _ in range(repeats):
             draws.append(flow.log_prob(X, generator).detach())
     seconds = (time.perf_counter() - t0) / repeats
-    return torch.stack(draws).numpy(), seconds  # (repeats, rows)
+    return torch.stack(draws).cpu().numpy(), seconds  # (repeats, rows)
 
 
 def main(argv=None):
