@@ -461,6 +461,52 @@ def branch_logdet(g, x):
     return _ClosedFormLogdet.apply(modules, cut, x, *_tensors(g, x))
 
 
+def conv_branch_logdet(g, x):
+    """``g(x)`` and ``log|det(I + J_g(x))|`` for a conv branch, without a graph.
+
+    Values only, for scoring: the result carries no graph. ``None`` when ``g``
+    is not a conv branch (see :func:`_supported`). The Jacobian's columns
+    ``J e_k`` are carried forward through the factors of ``J`` for the ``d``
+    basis images at once (``d = c h w``): diagonals multiply, convolutions
+    convolve, with no backward pass. While the running product is still a
+    diagonal, a convolution's image of the basis is the same for every row and
+    is computed once. Half the convolutions of the autograd form (a forward
+    pass of the batch repeated ``d`` times, then its backward pass).
+    """
+    if x.dim() != 4 or not _supported(g, x):
+        return None
+    with torch.no_grad():
+        return _conv_logdet(*_run(list(g), x, _tensors(g, x))[:2], x)
+
+
+def _conv_logdet(h, factors, x):
+    b, d = x.shape[0], x[0].numel()
+    cols, scale = None, None  # cols[i, k] = (running product) e_k, for row i
+    for kind, f in factors:
+        if kind == "d":
+            if cols is None:
+                scale = f.flatten(1) if scale is None else scale * f.flatten(1)
+            else:
+                cols = cols * f.unsqueeze(1)
+        elif cols is None:
+            eye = torch.eye(d, dtype=x.dtype, device=x.device)
+            basis = _conv(eye.view(d, *x.shape[1:]), f)  # the same for every row
+            if scale is None:
+                cols = basis.expand(b, *basis.shape)
+            else:
+                cols = basis * scale.view(b, d, 1, 1, 1)
+        else:
+            out = _conv(cols.flatten(0, 1), f)
+            cols = out.view(b, d, *out.shape[1:])
+    if cols is None:  # no convolution: J is the diagonal
+        jac_t = torch.diag_embed(scale) if scale is not None else None
+    else:
+        jac_t = cols.reshape(b, d, d)  # row k: J e_k, so this is J^T
+    if jac_t is None:
+        return h, x.new_zeros(b)
+    return h, logabsdet_identity_plus(jac_t)
+
+
 def logabsdet_identity_plus(m):
     """``log|det(I + m)|`` for a ``(batch, k, k)`` stack; closed form for k <= 2."""
     k = m.shape[-1]

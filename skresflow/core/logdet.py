@@ -57,7 +57,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._mlp_series import deferred_neumann, mlp_series_branch
-from .jacobian import branch_logdet, logabsdet_identity_plus
+from .jacobian import branch_logdet, conv_branch_logdet, logabsdet_identity_plus
 
 __all__ = [
     "logdet_estimate",
@@ -277,13 +277,16 @@ def _vjp(gx, x, u, create_graph):
 def _exact(g, x, create_graph):
     """``g(x)`` and ``log|det(I + J_g(x))|``.
 
-    MLP branches in closed form (:func:`branch_logdet`); any other branch by one
+    MLP branches in closed form (:func:`branch_logdet`), conv branches too when
+    no gradient is needed (:func:`conv_branch_logdet`); any other branch by one
     batched autograd pass: the batch is repeated once per input dimension and
     row ``k`` of ``J(x_i)`` is ``e_k^T J(x_i)``.
     """
-    closed_form = branch_logdet(g, x)
-    if closed_form is not None:
-        return closed_form
+    result = branch_logdet(g, x)
+    if result is None and not create_graph:
+        result = conv_branch_logdet(g, x)
+    if result is not None:
+        return result
     b, event = x.shape[0], x.shape[1:]
     d = math.prod(event)
     x_rep = x.repeat_interleave(d, dim=0)

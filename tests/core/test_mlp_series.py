@@ -4,7 +4,7 @@ rounding, in every gradient mode, for both series estimators and every activatio
 
 import pytest
 import torch
-from oracles import DTYPE, fill_parameters_, randn, seeded, weighted_grads
+from oracles import DTYPE, brute_logdet, fill_parameters_, randn, seeded, weighted_grads
 
 from skresflow.core import (
     GRAD_MODES,
@@ -230,3 +230,33 @@ def test_closed_form_of_unusual_conv_branches_equals_autograd(grad, sharing):
     for shape, seed in (((3, 2, 4, 5), 11), ((2, 2, 6, 3), 12)):  # sizes change
         x = randn(*shape, seed=seed, scale=1.5)
         assert_equals_autograd(g, x, randn(shape[0], seed=seed + 1), **kwargs)
+
+
+@pytest.mark.parametrize("activation", [*ACTIVATIONS, "odd branch"])
+def test_conv_exact_logdet_without_graph_equals_brute_force(activation):
+    from skresflow.core.jacobian import conv_branch_logdet
+    from skresflow.core.logdet import logdet_estimate
+
+    if activation == "odd branch":
+        g = odd_conv_branch(seed=5)
+    else:
+        g = image_branch(2, 5, activation, seed=4)
+    x = randn(3, 2, 4, 3, seed=6)  # not square: rows and columns must not mix
+    with torch.no_grad():
+        gx, logdet = conv_branch_logdet(g, x)
+        torch.testing.assert_close(gx, g(x), rtol=1e-12, atol=1e-12)
+        via_estimate = logdet_estimate(g, x, estimator="exact")
+    expected = brute_logdet(g, x, residual=True)
+    torch.testing.assert_close(logdet, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(via_estimate, expected, rtol=1e-10, atol=1e-10)
+    assert conv_branch_logdet(g, x.flatten(1)) is None  # not images
+
+
+def test_conv_exact_logdet_of_activation_only_branch():
+    from skresflow.core.jacobian import conv_branch_logdet
+
+    g = torch.nn.Sequential(LipSwish().to(DTYPE))
+    x = randn(2, 1, 3, 3, seed=0)
+    with torch.no_grad():
+        _, logdet = conv_branch_logdet(g, x)
+    torch.testing.assert_close(logdet, brute_logdet(g, x, residual=True))
