@@ -498,13 +498,10 @@ def _conv_logdet(h, factors, x):
         else:
             out = _conv(cols.flatten(0, 1), f)
             cols = out.view(b, d, *out.shape[1:])
-    if cols is None:  # no convolution: J is the diagonal
-        jac_t = torch.diag_embed(scale) if scale is not None else None
-    else:
-        jac_t = cols.reshape(b, d, d)  # row k: J e_k, so this is J^T
-    if jac_t is None:
-        return h, x.new_zeros(b)
-    return h, logabsdet_identity_plus(jac_t)
+    if cols is None:  # no convolution: J is diagonal (or empty: J = 0)
+        logdet = x.new_zeros(b) if scale is None else scale.add(1).abs().log().sum(1)
+        return h, logdet
+    return h, logabsdet_identity_plus(cols.reshape(b, d, d))  # rows J e_k: J^T
 
 
 def logabsdet_identity_plus(m):
