@@ -88,7 +88,7 @@ def refresh_layers(layers):
             continue
         if layer._use_exact():
             w = layer.weight
-            key = (tuple(w.shape), w.dtype, w.device, layer.rtol)
+            key = (tuple(layer._matrix(w).shape), w.dtype, w.device, layer.rtol)
             groups.setdefault(key, []).append(layer)
         else:
             layer.refresh()
@@ -100,7 +100,7 @@ def _refresh_exact(layers):
     """Certified ``sigma`` for equal-shape dense layers (see :func:`refresh_layers`)."""
     rtol = layers[0].rtol
     with torch.no_grad():
-        w = torch.stack([layer.weight.detach() for layer in layers])
+        w = torch.stack([layer._matrix(layer.weight.detach()) for layer in layers])
         stored = torch.stack([layer.sigma for layer in layers]).to(w)
         u = torch.stack([layer._u for layer in layers]).to(w)
         v = torch.stack([layer._v for layer in layers]).to(w)
@@ -270,8 +270,33 @@ class _LipschitzMixin:
         self.last_power_iter = n_iter
         return n_iter
 
+    def _register_vectors(self, m, n):
+        """Seeded unit start vectors ``_u`` (``m``) and ``_v`` (``n``)."""
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("_u", _normalize(torch.randn(m, generator=g)))
+        self.register_buffer("_v", _normalize(torch.randn(n, generator=g)))
+
     def _use_exact(self):
         return False
+
+    @staticmethod
+    def _matrix(w):
+        """The matrix whose norm :func:`refresh_layers` certifies (exact layers)."""
+        return w
+
+    def _exact_norm(self):
+        """Exact spectral norm of the normalised weight's matrix (SVD, float64)."""
+        # Cached per weight and sigma: every inversion (sampling) checks the bound.
+        self.refresh()
+        key = (self._weight_key(), self.sigma._version, self.coeff)  # no host sync
+        cached = getattr(self, "_norm_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            w = self._matrix(self.normalized_weight()).double()
+            norm = torch.linalg.matrix_norm(w, ord=2).item()
+        self._norm_cache = (key, norm)
+        return norm
 
     def _power_iteration(self, w, u, v, sigma, rtol, max_iter, v_tol):
         """Iterate until sigma changes by at most ``rtol`` and v by ``v_tol``.
@@ -362,9 +387,7 @@ class LipschitzLinear(_LipschitzMixin, nn.Linear):
     ):
         super().__init__(in_features, out_features, bias=bias)
         self._init_lipschitz(coeff, rtol, max_power_iter)
-        g = torch.Generator().manual_seed(0)
-        self.register_buffer("_u", _normalize(torch.randn(out_features, generator=g)))
-        self.register_buffer("_v", _normalize(torch.randn(in_features, generator=g)))
+        self._register_vectors(out_features, in_features)
 
     def _operator_shape(self):
         return ()
@@ -394,19 +417,6 @@ class LipschitzLinear(_LipschitzMixin, nn.Linear):
     def estimated_norm(self):
         """Same as :meth:`lipschitz_bound`: dense layers are cheap to certify."""
         return self._exact_norm()
-
-    def _exact_norm(self):
-        # Cached per weight and sigma: every inversion (sampling) checks the bound.
-        self.refresh()
-        key = (self._weight_key(), self.sigma._version, self.coeff)  # no host sync
-        cached = getattr(self, "_norm_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        with torch.no_grad():
-            w = self.normalized_weight().double()
-            norm = torch.linalg.matrix_norm(w, ord=2).item()
-        self._norm_cache = (key, norm)
-        return norm
 
 
 class LipschitzConv2d(_LipschitzMixin, nn.Conv2d):
@@ -445,12 +455,25 @@ class LipschitzConv2d(_LipschitzMixin, nn.Conv2d):
             in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias
         )
         self._init_lipschitz(coeff, rtol, max_power_iter)
-        self.register_buffer("_u", torch.zeros(0))
-        self.register_buffer("_v", torch.zeros(0))
+        if self._use_exact():  # the channel matrix's singular vectors
+            self._register_vectors(out_channels, in_channels)
+        else:  # the operator's, shaped like one output and one input image
+            self.register_buffer("_u", torch.zeros(0))
+            self.register_buffer("_v", torch.zeros(0))
         self._spatial = None
 
+    def _use_exact(self):
+        # A 1x1 convolution applies its (out, in) channel matrix at every pixel:
+        # its operator norm is that matrix's, whatever the input size.
+        m, n = self.out_channels, self.in_channels
+        return self.kernel_size == (1, 1) and m * n * min(m, n) <= EXACT_MAX_COST
+
+    @staticmethod
+    def _matrix(w):
+        return w.flatten(1)
+
     def _operator_shape(self):
-        return self._spatial
+        return () if self._use_exact() else self._spatial
 
     def _vectors(self, w):
         if self._spatial is None:
@@ -468,12 +491,25 @@ class LipschitzConv2d(_LipschitzMixin, nn.Conv2d):
         return self._u, self._v
 
     def _op(self, v, w):
+        if self._use_exact():  # v: a vector of the channel matrix
+            return w.flatten(1) @ v
         return F.conv2d(v, w, padding=self.padding)
 
     def _op_adjoint(self, u, w):
         return F.conv_transpose2d(u, w, padding=self.padding)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self._use_exact():
+            # Files from before 1x1 convolutions were exact hold operator-shaped
+            # vectors: their channel sums start the exact refresh, which keeps
+            # the stored sigma wherever it is within the certified window.
+            for name in ("_u", "_v"):
+                t = state_dict.get(prefix + name)
+                if t is not None and t.dim() == 4:
+                    state_dict[prefix + name] = _normalize(t.sum((0, 2, 3)))
+            self._spatial = None
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            return
         # The operator vectors' shape depends on the input size seen in training.
         for name in ("_u", "_v"):
             if prefix + name in state_dict:
@@ -500,6 +536,8 @@ class LipschitzConv2d(_LipschitzMixin, nn.Conv2d):
         2019): the maximum over frequencies is an upper bound, loose by a few
         per cent on inputs of a few dozen pixels a side.
         """
+        if self._use_exact():
+            return self._exact_norm()
         spatial = spatial or self._spatial
         if spatial is None:
             raise RuntimeError(
@@ -525,7 +563,7 @@ class LipschitzConv2d(_LipschitzMixin, nn.Conv2d):
         build it. Runs from the stored vectors to a tolerance ten times tighter
         than the layer's and changes no state.
         """
-        if self._operator_matrix_size(self._spatial) <= 2**22:
+        if self._use_exact() or self._operator_matrix_size(self._spatial) <= 2**22:
             return self.lipschitz_bound()
         with torch.no_grad():
             w = self.normalized_weight()

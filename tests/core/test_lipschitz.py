@@ -429,3 +429,47 @@ def test_flow_gradients_are_those_of_per_layer_normalization(
             assert s is None or not s.abs().max() > 0
         else:
             torch.testing.assert_close(s, d, rtol=0, atol=1e-11)
+
+
+def test_pointwise_conv_is_certified_exactly_at_every_input_size():
+    """A 1x1 convolution's operator norm is its channel matrix's: it takes the
+    dense layers' certified path, with no power iteration, and stays valid when
+    the input size changes."""
+    layer = seeded_conv(3, 4, 1, seed=2)
+    layer(torch.zeros(1, 3, 4, 4, dtype=DTYPE))
+    assert layer.last_power_iter == 0 and layer._u.shape == (4,)
+    sigma = layer.sigma.clone()
+    for spatial in [(4, 4), (7, 5), (1, 1)]:
+        layer(torch.zeros(1, 3, *spatial, dtype=DTYPE))
+        assert torch.equal(layer.sigma, sigma)  # nothing to refresh
+        exact = spectral_norm(conv_operator(layer.weight, (3, *spatial)))
+        assert exact * (1 - 1e-3) <= sigma.item() <= exact * (1 + 1e-12)
+
+
+def test_pointwise_conv_sigma_gradient_is_the_spectral_norm_gradient():
+    layer = seeded_conv(3, 4, 1, seed=3).train()
+    layer(torch.zeros(1, 3, 2, 2, dtype=DTYPE))
+    direction = randn(4, 3, 1, 1, seed=4)
+    (layer.normalized_weight() * direction).sum().backward()
+
+    def exact(w):  # W * coeff / ||W||, the function the normalisation stands for
+        return w * COEFF / torch.linalg.matrix_norm(w.flatten(1), ord=2)
+
+    w = layer.weight.detach().clone().requires_grad_()
+    (exact(w) * direction).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, w.grad, rtol=1e-2, atol=1e-3)
+
+
+def test_pointwise_conv_loads_operator_shaped_vectors_of_old_files():
+    layer = seeded_conv(3, 4, 1, seed=5)
+    layer(torch.zeros(1, 3, 4, 4, dtype=DTYPE))
+    state = layer.state_dict()
+    old = dict(state)  # as saved before 1x1 convolutions were exact
+    old["_u"] = state["_u"].view(1, 4, 1, 1).expand(1, 4, 4, 4) / 4
+    old["_v"] = state["_v"].view(1, 3, 1, 1).expand(1, 3, 4, 4) / 4
+    fresh = LipschitzConv2d(3, 4, 1, coeff=COEFF).to(DTYPE)
+    fresh.load_state_dict(old)
+    assert fresh._u.shape == (4,) and fresh._v.shape == (3,)
+    torch.testing.assert_close(fresh._u, state["_u"])
+    x = randn(2, 3, 4, 4, seed=6)
+    torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
