@@ -132,7 +132,7 @@ def vector_jacobian(factors, u):
     return u
 
 
-def deferred_neumann(g, x, v, series, weights):
+def deferred_neumann(g, x, v, series):
     """``g(x)`` and the series per probe row, with the Neumann gradient formed in
     a hand-written backward pass; ``None`` for branches without a closed form.
 
@@ -145,9 +145,6 @@ def deferred_neumann(g, x, v, series, weights):
     series : callable
         ``series(vjp)`` returns the estimate per probe row and the Neumann
         vector ``w`` (``logdet._power_series`` with ``want_w=True``).
-    weights : list of float
-        The weight of the ``k``-th vector ``series`` passes to ``vjp`` in ``w``
-        (``w = sum_k weights[k] u_k``).
 
     Returns
     -------
@@ -157,7 +154,7 @@ def deferred_neumann(g, x, v, series, weights):
     """
     if not _supported(g, x):
         return None
-    return _DeferredNeumann.apply(list(g), series, weights, v, x, *_tensors(g, x))
+    return _DeferredNeumann.apply(list(g), series, v, x, *_tensors(g, x))
 
 
 class _DeferredNeumann(torch.autograd.Function):
@@ -173,27 +170,15 @@ class _DeferredNeumann(torch.autograd.Function):
     derivatives. Nothing but ``x``, the layers' outputs (the activations'
     inputs), ``v`` and ``w`` is kept between the passes; the activations' values
     and slopes are recomputed, and the branch is traversed backward once.
-    Dense branches also keep the ``s_j`` that follow a matrix product: since
-    ``w`` is a weighted sum of the vectors the series multiplies by ``J``, they
-    are the same weighted sums of that product's intermediate results, summed
-    during the series at no extra product (two fewer matrix products per block
-    and step for a three-layer branch; convolutions recompute them, to keep
-    the memory of ``memory_efficient`` small).
     First-order only: the backward pass is not itself differentiable.
     """
 
     @staticmethod
-    def forward(ctx, modules, series, weights, v, x, *tensors):
+    def forward(ctx, modules, series, v, x, *tensors):
         n_probes = v.shape[0] // x.shape[0]
         h, factors, inputs = _run(modules, x, tensors)
         repeated = _repeat_slopes(factors, n_probes)
-        if all(kind != "c" for kind, _ in factors):
-            vjp = _SummedCotangents(repeated, weights)
-            est, w = series(vjp)
-            ctx.cotangents = vjp.sums
-        else:
-            est, w = series(lambda u, _: vector_jacobian(repeated, u))
-            ctx.cotangents = {}
+        est, w = series(lambda u, _: vector_jacobian(repeated, u))
         ctx.save_for_backward(x, *tensors)  # x saved: in-place changes are caught
         ctx.modules, ctx.n_probes = modules, n_probes
         ctx.kept, ctx.v, ctx.w = _kept_inputs(modules, inputs)[1:], v, w
@@ -207,37 +192,13 @@ class _DeferredNeumann(torch.autograd.Function):
         restored = _restore(ctx.modules, kept, tensors)
         g_factor = {}
         if g_est is not None:
-            scale = g_est.view(-1, *([1] * (ctx.w.dim() - 1)))
-            known = {i: c * scale for i, c in ctx.cotangents.items()}
+            s = ctx.w * g_est.view(-1, *([1] * (ctx.w.dim() - 1)))
             repeated = _repeat_slopes(restored[0], ctx.n_probes)
-            g_factor = _factor_grads(
-                repeated, ctx.v, ctx.w * scale, ctx.n_probes, known
-            )
+            g_factor = _factor_grads(repeated, ctx.v, s, ctx.n_probes)
         if g_out is None:
             g_out = torch.zeros_like(x)
         g_x, grads = _branch_backward(ctx.modules, restored, tensors, g_out, g_factor)
-        return None, None, None, None, g_x, *grads
-
-
-class _SummedCotangents:
-    """The series' vector-Jacobian product (:func:`vector_jacobian`) that also
-    sums, with ``weights`` (one per call, in order), each intermediate result
-    that follows a matrix product: ``sums[i]`` is the cotangent arriving at
-    factor ``i`` of the weighted sum of the vectors it was called with."""
-
-    def __init__(self, factors, weights):
-        self.factors, self.weights, self.calls, self.sums = factors, weights, 0, {}
-
-    def __call__(self, u, _create_graph):
-        a = self.weights[self.calls]
-        self.calls += 1
-        for i in reversed(range(len(self.factors))):
-            kind, f = self.factors[i]
-            u = u @ f if kind == "w" else u * f
-            if kind == "w" and i:
-                prev = self.sums.get(i - 1)
-                self.sums[i - 1] = a * u if prev is None else prev.add_(u, alpha=a)
-        return u
+        return None, None, None, g_x, *grads
 
 
 def _differentiable_factors(modules, x, tensors):
@@ -302,11 +263,9 @@ def _repeat_slopes(factors, n_probes):
     ]
 
 
-def _factor_grads(factors, v, s, n_probes, known=None):
+def _factor_grads(factors, v, s, n_probes):
     """Gradient of ``sum_rows s^T J v`` with respect to each factor of ``J``:
-    ``{index: grad}``, slopes' gradients summed over the probes. ``known``
-    gives, by factor index, cotangents already at hand (:class:`_SummedCotangents`)."""
-    known = known or {}
+    ``{index: grad}``, slopes' gradients summed over the probes."""
     ts = [v]
     for kind, f in factors[:-1]:
         t = ts[-1]
@@ -314,13 +273,12 @@ def _factor_grads(factors, v, s, n_probes, known=None):
     grads = {}
     for i in reversed(range(len(factors))):
         kind, f = factors[i]
-        s = known.get(i, s)
         if kind == "w":
             grads[i] = s.T @ ts[i]
         elif kind == "c":
             grads[i] = _conv_weight_grad(ts[i], f, s)
         else:
             grads[i] = (s * ts[i]).view(n_probes, -1, *f.shape[1:]).sum(0)
-        if i and i - 1 not in known:
+        if i:
             s = s @ f if kind == "w" else _conv_vjp(s, f) if kind == "c" else s * f
     return grads

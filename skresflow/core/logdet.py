@@ -393,11 +393,6 @@ def _probes(x, opts, generator):
     return v.reshape(n_probes * b, *event)
 
 
-def _neumann_weights(coeffs):
-    """``w = sum_k weights[k] (v^T J^k)``: the Neumann gradient vector."""
-    return [c if k % 2 == 0 else -c for k, c in enumerate(coeffs)]
-
-
 def _power_series(vjp, v, coeffs, *, create_graph, want_w):
     """Series value per row and, if asked, the Neumann vector w (no graph).
 
@@ -405,12 +400,10 @@ def _power_series(vjp, v, coeffs, *, create_graph, want_w):
     dotted with ``v`` once: fewer operations than one dot product per term.
     """
     u, total, w = v, None, None
-    for k, (c, weight) in enumerate(
-        zip(coeffs, _neumann_weights(coeffs), strict=True), start=1
-    ):
+    for k, c in enumerate(coeffs, start=1):
         sign = 1.0 if k % 2 else -1.0
         if want_w:
-            w = weight * u if w is None else torch.add(w, u, alpha=weight)
+            w = sign * c * u if w is None else torch.add(w, u, alpha=sign * c)
         u = vjp(u, create_graph)
         a = sign * c / k
         total = a * u if total is None else torch.add(total, u, alpha=a)
@@ -474,7 +467,6 @@ def _series_estimate(g, x, estimator, n_exact_terms, grad, generator, opts, need
             x,
             v,
             lambda vjp: _power_series(vjp, v, coeffs, create_graph=False, want_w=True),
-            _neumann_weights(coeffs),
         )
         if fused is not None:
             return fused[0], average(fused[1])
