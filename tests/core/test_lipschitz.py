@@ -473,3 +473,18 @@ def test_pointwise_conv_loads_operator_shaped_vectors_of_old_files():
     torch.testing.assert_close(fresh._u, state["_u"])
     x = randn(2, 3, 4, 4, seed=6)
     torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+
+
+def test_power_iteration_tests_for_convergence_every_few_steps():
+    """After the first step the stopping test (a host sync on a GPU) runs every
+    POWER_CHECK_EVERY steps; stopping later only tightens sigma."""
+    every = lipschitz.POWER_CHECK_EVERY
+    assert every > 1
+    counts = set()
+    for seed in range(6):
+        layer = seeded_conv(2, 3, 3, seed)
+        layer(torch.zeros(1, 2, 5, 5, dtype=DTYPE))
+        counts.add(layer.last_power_iter)
+        exact = spectral_norm(conv_operator(layer.weight, (2, 5, 5)))
+        assert exact * (1 - 1e-3) <= layer.sigma.item() <= exact * (1 + 1e-12)
+    assert all(n % every == 0 or n == layer.max_power_iter for n in counts)
