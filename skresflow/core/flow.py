@@ -56,15 +56,26 @@ class Flow(nn.Module):
         layers such as :class:`~skresflow.core.FactorOut`)."""
         return [m for m in self.modules() if isinstance(m, ResidualBlock)]
 
+    def _refresh_certified(self):
+        """Refresh the layers whose norm is certified exactly (dense ones, 1x1
+        convolutions), batched by shape; return the dense ones."""
+        dense, pointwise = [], []
+        for m in self.modules():
+            if isinstance(m, LipschitzLinear):
+                dense.append(m)
+            elif isinstance(m, LipschitzConv2d) and m._use_exact():
+                pointwise.append(m)
+        refresh_layers(dense + pointwise)
+        return dense
+
     def forward(self, x, generator=None):
         """Map data to latent: returns ``(z, logdet)`` with the summed log-det."""
         # One batched refresh of the dense layers instead of one per layer (after
         # an optimizer step every layer is stale), then their normalised weights
-        # computed together. Convolutions refresh when their weight is
+        # computed together. Other convolutions refresh when their weight is
         # normalised for an input (their own forward, or the closed-form series
         # of their branch): their norm depends on the input size.
-        dense = [m for m in self.modules() if isinstance(m, LipschitzLinear)]
-        refresh_layers(dense)
+        dense = self._refresh_certified()
         logdet = x.new_zeros(x.shape[0])
         with shared_normalization(dense), hash_rows_by(x):
             for layer in self.layers:
@@ -85,8 +96,7 @@ class Flow(nn.Module):
         """Map latent to data; with ``check``, verify every block is invertible."""
         if check:
             self.check_invertible()
-        dense = [m for m in self.modules() if isinstance(m, LipschitzLinear)]
-        refresh_layers(dense)
+        dense = self._refresh_certified()
         with shared_normalization(dense):
             for layer in reversed(self.layers):
                 z = layer.inverse(z)

@@ -506,15 +506,26 @@ class LipschitzConv2d(_LipschitzMixin, nn.Conv2d):
     def _op_adjoint(self, u, w):
         return F.conv_transpose2d(u, w, padding=self.padding)
 
+    @staticmethod
+    def _channel_vector(t):
+        """A 1x1 layer's channel vector from an operator-shaped one (files and
+        pickles from before 1x1 convolutions were exact): its sum over pixels.
+        It only starts the exact refresh, which keeps the stored sigma wherever
+        it is within the certified window."""
+        return _normalize(t.sum((0, 2, 3))) if t is not None and t.dim() == 4 else t
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if self._use_exact():
+            for name in ("_u", "_v"):
+                self._buffers[name] = self._channel_vector(self._buffers.get(name))
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self._use_exact():
-            # Files from before 1x1 convolutions were exact hold operator-shaped
-            # vectors: their channel sums start the exact refresh, which keeps
-            # the stored sigma wherever it is within the certified window.
             for name in ("_u", "_v"):
-                t = state_dict.get(prefix + name)
-                if t is not None and t.dim() == 4:
-                    state_dict[prefix + name] = _normalize(t.sum((0, 2, 3)))
+                if prefix + name in state_dict:
+                    t = self._channel_vector(state_dict[prefix + name])
+                    state_dict[prefix + name] = t
             self._spatial = None
             super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
             return

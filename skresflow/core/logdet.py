@@ -355,8 +355,13 @@ def hash_rows_by(x):
     size), and any change of bits changes a hash. A flow therefore hashes its
     own input, the user's data, once, and every block inside this context uses
     that hash; outside it a block hashes its own input. The hash is computed on
-    first use.
+    first use. Inside an outer context over as many rows (a flow used as a
+    layer of another), the outer input's hash stays in force.
     """
+    outer = _HASHED_ROWS.get()
+    if outer is not None and outer[0].shape[0] == x.shape[0]:
+        yield
+        return
     token = _HASHED_ROWS.set([x, None])
     try:
         yield
@@ -370,8 +375,8 @@ def _row_keys(x):
     if hashed is None or hashed[0].shape[0] != x.shape[0]:
         return row_hash(x, _HASH_TABLE_SIZE)
     if hashed[1] is None:
-        hashed[1] = row_hash(hashed[0], _HASH_TABLE_SIZE).to(x.device)
-    return hashed[1]
+        hashed[1] = row_hash(hashed[0], _HASH_TABLE_SIZE)
+    return hashed[1].to(x.device)
 
 
 def _probes(x, opts, generator):

@@ -220,3 +220,20 @@ def test_row_hashed_probes_follow_the_flow_input_not_the_block_input(hybrid):
         y_part = flow.layers[0](x[:10])[0]
         direct_part = block(y_part, torch.Generator().manual_seed(0))[1]
     assert (direct[:10] - direct_part).abs().max() > 1e-6
+
+
+def test_a_flow_nested_in_a_flow_keeps_the_outer_row_hash():
+    block = ResidualBlock(
+        mlp_branch(2, (16,), coeff=COEFF),
+        estimator="unbiased",
+        n_exact_terms=1,
+        probe_sharing="row_hash",
+    )
+    fill_parameters_(block, seed=2)
+    inner = Flow([block], (2,))
+    flow = Flow([_BatchDependentRounding(), inner], (2,)).to(DTYPE).eval()
+    x = randn(12, 2, seed=3)
+    with torch.no_grad():
+        full = flow.log_prob(x, torch.Generator().manual_seed(0))
+        part = flow.log_prob(x[:10], torch.Generator().manual_seed(0))
+    torch.testing.assert_close(part, full[:10], rtol=1e-12, atol=1e-12)

@@ -460,19 +460,35 @@ def test_pointwise_conv_sigma_gradient_is_the_spectral_norm_gradient():
     torch.testing.assert_close(layer.weight.grad, w.grad, rtol=1e-2, atol=1e-3)
 
 
-def test_pointwise_conv_loads_operator_shaped_vectors_of_old_files():
+def _as_before_exact_pointwise(layer, spatial, seed):
+    """The layer's vectors as a power iteration on the operator had left them
+    before 1x1 convolutions were exact: channel vector x a spatial profile, the
+    same for u and v (every profile is a top singular vector of a 1x1 conv)."""
+    profile = randn(*spatial, seed=seed)
+    profile = profile / profile.norm()
+    return {
+        "_u": layer._u.view(1, -1, 1, 1) * profile,
+        "_v": layer._v.view(1, -1, 1, 1) * profile,
+    }
+
+
+@pytest.mark.parametrize("route", ["state_dict", "pickle"])
+def test_pointwise_conv_reads_operator_shaped_vectors_of_old_models(route):
+    import pickle
+
     layer = seeded_conv(3, 4, 1, seed=5)
-    layer(torch.zeros(1, 3, 4, 4, dtype=DTYPE))
-    state = layer.state_dict()
-    old = dict(state)  # as saved before 1x1 convolutions were exact
-    old["_u"] = state["_u"].view(1, 4, 1, 1).expand(1, 4, 4, 4) / 4
-    old["_v"] = state["_v"].view(1, 3, 1, 1).expand(1, 3, 4, 4) / 4
-    fresh = LipschitzConv2d(3, 4, 1, coeff=COEFF).to(DTYPE)
-    fresh.load_state_dict(old)
-    assert fresh._u.shape == (4,) and fresh._v.shape == (3,)
-    torch.testing.assert_close(fresh._u, state["_u"])
     x = randn(2, 3, 4, 4, seed=6)
-    torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+    expected = layer(x)
+    old = _as_before_exact_pointwise(layer, (4, 4), seed=7)
+    if route == "state_dict":
+        fresh = LipschitzConv2d(3, 4, 1, coeff=COEFF).to(DTYPE)
+        fresh.load_state_dict({**layer.state_dict(), **old})
+    else:  # a pickled module restores its buffers without load_state_dict
+        for name, t in old.items():
+            layer._buffers[name] = t
+        fresh = pickle.loads(pickle.dumps(layer))
+    assert fresh._u.shape == (4,) and fresh._v.shape == (3,)
+    torch.testing.assert_close(fresh(x), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_power_iteration_tests_for_convergence_every_few_steps():

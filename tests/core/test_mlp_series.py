@@ -250,6 +250,13 @@ def test_conv_exact_logdet_without_graph_equals_brute_force(activation):
     torch.testing.assert_close(logdet, expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(via_estimate, expected, rtol=1e-10, atol=1e-10)
     assert conv_branch_logdet(g, x.flatten(1)) is None  # not images
+    # With a graph to build, the exact estimate still differentiates (autograd).
+    x = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(logdet_estimate(g, x, estimator="exact").sum(), x)
+    (expected_grad,) = torch.autograd.grad(
+        brute_logdet(g, x, residual=True, create_graph=True).sum(), x
+    )
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-10)
 
 
 def test_conv_exact_logdet_of_activation_only_branch():
