@@ -189,17 +189,21 @@ class _BatchDependentRounding(torch.nn.Module):
         return x * (1 + 4e-16 * (x.shape[0] % 3)), x.new_zeros(x.shape[0])
 
 
-@pytest.mark.parametrize("hybrid", [False, True])
-def test_row_hashed_probes_follow_the_flow_input_not_the_block_input(hybrid):
-    from skresflow.core.heads import HybridFlow, LinearHead
-
+def _row_hashed_block(seed):
     block = ResidualBlock(
         mlp_branch(2, (16,), coeff=COEFF),
         estimator="unbiased",
         n_exact_terms=1,
         probe_sharing="row_hash",
     )
-    fill_parameters_(block, seed=0)
+    return fill_parameters_(block, seed=seed)
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_row_hashed_probes_follow_the_flow_input_not_the_block_input(hybrid):
+    from skresflow.core.heads import HybridFlow, LinearHead
+
+    block = _row_hashed_block(seed=0)
     flow = Flow([_BatchDependentRounding(), block], (2,)).to(DTYPE).eval()
     if hybrid:
         flow = HybridFlow(flow, LinearHead(2, 3)).to(DTYPE)
@@ -223,13 +227,7 @@ def test_row_hashed_probes_follow_the_flow_input_not_the_block_input(hybrid):
 
 
 def test_a_flow_nested_in_a_flow_keeps_the_outer_row_hash():
-    block = ResidualBlock(
-        mlp_branch(2, (16,), coeff=COEFF),
-        estimator="unbiased",
-        n_exact_terms=1,
-        probe_sharing="row_hash",
-    )
-    fill_parameters_(block, seed=2)
+    block = _row_hashed_block(seed=2)
     inner = Flow([block], (2,))
     flow = Flow([_BatchDependentRounding(), inner], (2,)).to(DTYPE).eval()
     x = randn(12, 2, seed=3)
