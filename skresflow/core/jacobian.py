@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activations import LipSwish
-from .lipschitz import LipschitzConv2d, LipschitzLinear
+from .lipschitz import LipschitzConv2d, LipschitzLinear, conv2d, conv_transpose2d
 
 __all__ = ["branch_jacobian", "branch_logdet", "logabsdet_identity_plus"]
 
@@ -148,12 +148,12 @@ def _lipswish_backward(h, raw_beta, parts, slope, g_value, g_slope):
 
 def _conv(t, weight):
     """The linear part of a stride-1 "same" convolution (no bias)."""
-    return F.conv2d(t, weight, padding=weight.shape[-1] // 2)
+    return conv2d(t, weight, padding=weight.shape[-1] // 2)
 
 
 def _conv_vjp(u, weight):
     """``u^T C`` for the convolution ``C`` of :func:`_conv`: its adjoint."""
-    return F.conv_transpose2d(u, weight, padding=weight.shape[-1] // 2)
+    return conv_transpose2d(u, weight, padding=weight.shape[-1] // 2)
 
 
 def _conv_weight_grad(t, weight, s):
@@ -204,7 +204,7 @@ def _run(modules, x, tensors):
             factors.append(("w", w))
         elif isinstance(module, LipschitzConv2d):
             w, b = next(it), next(it)
-            h = F.conv2d(h, w, b, padding=w.shape[-1] // 2)
+            h = conv2d(h, w, b, padding=w.shape[-1] // 2)
             factors.append(("c", w))
         else:
             param = next(it) if isinstance(module, LipSwish) else None
@@ -479,8 +479,66 @@ def conv_branch_logdet(g, x):
         return _conv_logdet(*_run(list(g), x, _tensors(g, x))[:2], x)
 
 
+def _local_columns(factors, x):
+    """``J^T`` from the columns ``J e_k`` computed on a window around ``e_k``'s
+    pixel only, or ``None`` when the windows would not be much smaller than the
+    image.
+
+    A convolution of radius ``q`` spreads a column by ``q`` pixels each way, so
+    after the branch ``J e_k`` is zero outside a window of radius ``R``, the sum
+    of the radii, around ``e_k``'s pixel. Each layer works on ``(2r + 1)^2``
+    pixels per column instead of ``h w``: diagonals are gathered on the window
+    (zero outside the image), convolutions are full convolutions of the window
+    (radius ``r + q``) with the positions outside the image set to zero, as the
+    zero padding of the "same" convolution has them.
+    """
+    b, c, height, width = x.shape
+    radius = sum((f.shape[-1] - 1) // 2 for kind, f in factors if kind == "c")
+    if 2 * (2 * radius + 1) ** 2 > height * width:
+        return None
+    d, pixels = x[0].numel(), height * width
+    dev = x.device
+    channel = torch.arange(c, device=dev).repeat_interleave(pixels)
+    pixel = torch.arange(pixels, device=dev).repeat(c)
+    row, col = pixel // width, pixel % width
+    t = torch.zeros(1, d, c, 1, 1, dtype=x.dtype, device=dev)
+    t[0, torch.arange(d, device=dev), channel] = 1.0
+    r = 0
+    for kind, f in factors:
+        size = 2 * r + 1
+        if kind == "d":  # the slopes on each column's window
+            windows = F.unfold(F.pad(f, (r, r, r, r)), size)  # (b, C size^2, hw)
+            windows = windows.view(b, f.shape[1], size, size, pixels)
+            t = t * windows.permute(0, 4, 1, 2, 3)[:, pixel]
+            continue
+        q = (f.shape[-1] - 1) // 2
+        out = conv2d(t.flatten(0, 1), f, padding=2 * q)  # the full convolution
+        r, size = r + q, size + 2 * q
+        offset = torch.arange(-r, r + 1, device=dev)
+        inside_r = (row[:, None] + offset >= 0) & (row[:, None] + offset < height)
+        inside_c = (col[:, None] + offset >= 0) & (col[:, None] + offset < width)
+        inside = (inside_r[:, :, None] & inside_c[:, None, :]).to(x.dtype)
+        t = out.view(t.shape[0], d, *out.shape[1:]) * inside[None, :, None]
+    # Scatter the windows into full rows: J^T[i, k, (c', p')] is the window's
+    # value at p' - p_k + R when that offset lies in the window, else 0.
+    size = 2 * r + 1
+    out_row = torch.arange(height, device=dev).repeat_interleave(width)
+    out_col = torch.arange(width, device=dev).repeat(height)
+    di = out_row[None, :] - row[:, None] + r  # (d, hw)
+    dj = out_col[None, :] - col[:, None] + r
+    valid = (di >= 0) & (di < size) & (dj >= 0) & (dj < size)
+    index = di.clamp(0, size - 1) * size + dj.clamp(0, size - 1)
+    flat = t.flatten(3)  # (b', d, c, size^2)
+    index = index[None, :, None, :].expand(flat.shape[0], d, flat.shape[2], pixels)
+    rows = torch.gather(flat, 3, index) * valid[None, :, None, :].to(x.dtype)
+    return rows.expand(b, -1, -1, -1).reshape(b, d, d)
+
+
 def _conv_logdet(h, factors, x):
     b, d = x.shape[0], x[0].numel()
+    local = _local_columns(factors, x)
+    if local is not None:
+        return h, logabsdet_identity_plus(local)
     cols, scale = None, None  # cols[i, k] = (running product) e_k, for row i
     for kind, f in factors:
         if kind == "d":

@@ -56,6 +56,30 @@ def _normalize_rows(t, eps=1e-12):
     return t / t.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
+# PyTorch's CPU convolutions are slow in one direction: conv2d from many
+# channels to few, conv_transpose2d from few to many (32 -> 1 channels on 16,384
+# 8x8 images: 1.98 s by conv2d, 0.08 s by the transposed form; 1 -> 32: 0.14 s
+# against 1.57 s). Each is the other with the kernel flipped and its channel
+# axes swapped, so these pick the fast one; on other devices they are the plain
+# calls.
+def conv2d(t, weight, bias=None, padding=0):
+    """``F.conv2d(t, weight, bias, padding=padding)`` (stride 1)."""
+    if t.device.type == "cpu" and weight.shape[1] > weight.shape[0]:
+        flipped = weight.transpose(0, 1).flip(-1, -2)
+        return F.conv_transpose2d(
+            t, flipped, bias, padding=weight.shape[-1] - 1 - padding
+        )
+    return F.conv2d(t, weight, bias, padding=padding)
+
+
+def conv_transpose2d(u, weight, padding=0):
+    """``F.conv_transpose2d(u, weight, padding=padding)`` (stride 1)."""
+    if u.device.type == "cpu" and weight.shape[0] < weight.shape[1]:
+        flipped = weight.transpose(0, 1).flip(-1, -2)
+        return F.conv2d(u, flipped, padding=weight.shape[-1] - 1 - padding)
+    return F.conv_transpose2d(u, weight, padding=padding)
+
+
 def refresh_layers(layers):
     """Refresh every stale layer in ``layers``; batch the exact dense ones.
 
@@ -501,10 +525,10 @@ class LipschitzConv2d(_LipschitzMixin, nn.Conv2d):
     def _op(self, v, w):
         if self._use_exact():  # v: a vector of the channel matrix
             return w.flatten(1) @ v
-        return F.conv2d(v, w, padding=self.padding)
+        return conv2d(v, w, padding=self.padding[0])
 
     def _op_adjoint(self, u, w):
-        return F.conv_transpose2d(u, w, padding=self.padding)
+        return conv_transpose2d(u, w, padding=self.padding[0])
 
     @staticmethod
     def _channel_vector(t):
@@ -539,7 +563,7 @@ class LipschitzConv2d(_LipschitzMixin, nn.Conv2d):
 
     def forward(self, x):
         self._spatial = tuple(x.shape[-2:])
-        return F.conv2d(x, self.normalized_weight(), self.bias, padding=self.padding)
+        return conv2d(x, self.normalized_weight(), self.bias, self.padding[0])
 
     def _operator_matrix_size(self, spatial):
         return self.in_channels * self.out_channels * (spatial[0] * spatial[1]) ** 2

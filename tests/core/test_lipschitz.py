@@ -504,3 +504,21 @@ def test_power_iteration_tests_for_convergence_every_few_steps():
         exact = spectral_norm(conv_operator(layer.weight, (2, 5, 5)))
         assert exact * (1 - 1e-3) <= layer.sigma.item() <= exact * (1 + 1e-12)
     assert all(n % every == 0 or n == layer.max_power_iter for n in counts)
+
+
+@pytest.mark.parametrize("c_in, c_out", [(5, 2), (2, 5), (3, 3)])
+@pytest.mark.parametrize("k, padding", [(3, 1), (3, 2), (5, 2), (1, 0)])
+def test_fast_convolutions_equal_torchs(c_in, c_out, k, padding):
+    """lipschitz.conv2d / conv_transpose2d swap to the other form of the same
+    map on CPUs where PyTorch is slow; the numbers must not change."""
+    t = randn(3, c_in, 6, 5, seed=0)
+    w = randn(c_out, c_in, k, k, seed=1)
+    bias = randn(c_out, seed=2)
+    torch.testing.assert_close(
+        lipschitz.conv2d(t, w, bias, padding), F.conv2d(t, w, bias, padding=padding)
+    )
+    u = randn(3, c_out, 6, 5, seed=3)
+    torch.testing.assert_close(
+        lipschitz.conv_transpose2d(u, w, padding),
+        F.conv_transpose2d(u, w, padding=padding),
+    )

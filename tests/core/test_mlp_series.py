@@ -15,6 +15,7 @@ from skresflow.core import (
 )
 from skresflow.core._mlp_series import mlp_series_branch
 from skresflow.core.activations import ACTIVATIONS, LipSwish
+from skresflow.core.jacobian import _forward_factors
 
 
 class Opaque(torch.nn.Module):
@@ -232,16 +233,21 @@ def test_closed_form_of_unusual_conv_branches_equals_autograd(grad, sharing):
         assert_equals_autograd(g, x, randn(shape[0], seed=seed + 1), **kwargs)
 
 
+@pytest.mark.parametrize("shape", [(3, 2, 4, 3), (2, 2, 8, 7)], ids=["dense", "local"])
 @pytest.mark.parametrize("activation", [*ACTIVATIONS, "odd branch"])
-def test_conv_exact_logdet_without_graph_equals_brute_force(activation):
-    from skresflow.core.jacobian import conv_branch_logdet
+def test_conv_exact_logdet_without_graph_equals_brute_force(activation, shape):
+    """Small images take every column whole, larger ones only each column's
+    window (radius 2 here; not square: rows and columns must not mix)."""
+    from skresflow.core.jacobian import _local_columns, conv_branch_logdet
     from skresflow.core.logdet import logdet_estimate
 
     if activation == "odd branch":
         g = odd_conv_branch(seed=5)
     else:
         g = image_branch(2, 5, activation, seed=4)
-    x = randn(3, 2, 4, 3, seed=6)  # not square: rows and columns must not mix
+    x = randn(*shape, seed=6)
+    factors = _forward_factors(g, x)[1]
+    assert (_local_columns(factors, x) is None) == (shape[-1] == 3)
     with torch.no_grad():
         gx, logdet = conv_branch_logdet(g, x)
         torch.testing.assert_close(gx, g(x), rtol=1e-12, atol=1e-12)
