@@ -63,7 +63,7 @@ def _normalize_rows(t, eps=1e-12):
 # axes swapped, so these pick the fast one; on other devices they are the plain
 # calls.
 def conv2d(t, weight, bias=None, padding=0):
-    """``F.conv2d(t, weight, bias, padding=padding)`` (stride 1)."""
+    """``F.conv2d(t, weight, bias, padding=padding)``: stride 1, square kernel."""
     if t.device.type == "cpu" and weight.shape[1] > weight.shape[0]:
         flipped = weight.transpose(0, 1).flip(-1, -2)
         return F.conv_transpose2d(
@@ -73,7 +73,7 @@ def conv2d(t, weight, bias=None, padding=0):
 
 
 def conv_transpose2d(u, weight, padding=0):
-    """``F.conv_transpose2d(u, weight, padding=padding)`` (stride 1)."""
+    """``F.conv_transpose2d(u, weight, padding=padding)``: stride 1, square kernel."""
     if u.device.type == "cpu" and weight.shape[0] < weight.shape[1]:
         flipped = weight.transpose(0, 1).flip(-1, -2)
         return F.conv2d(u, flipped, padding=weight.shape[-1] - 1 - padding)
