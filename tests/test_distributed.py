@@ -85,16 +85,51 @@ def init_gloo(rank, world_size, port):
     )
 
 
+def leave_group():
+    """Leave the group once every rank is done with it.
+
+    Without the barrier a rank that finishes first tears its gloo connections
+    down while the other is still in its last collective, and the other can
+    abort ("terminate called without an active exception", SIGABRT).
+    """
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def save_result(save, obj, path):
+    """``save(obj, file)`` to ``path`` atomically: a file there is complete."""
+    with open(path + ".part", "wb") as f:
+        save(obj, f)
+    os.replace(path + ".part", path)
+
+
 def finish_rank(rank, out, result):
     """Save a worker's result for :func:`spawn_two_ranks`; leave the group."""
-    with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(result, f)
-    dist.destroy_process_group()
+    save_result(pickle.dump, result, os.path.join(out, f"rank{rank}.pkl"))
+    leave_group()
+
+
+def spawn(worker, out, suffix):
+    """``mp.spawn`` two ranks of ``worker(rank, 2, port, out)``.
+
+    A rank that a signal kills *after* saving its result (``rank{r}{suffix}``)
+    died in torch's own teardown (gloo's threads at exit; seen once in CI as
+    "terminate called without an active exception"), not in the code under
+    test, whose results are then checked as usual: that is a warning. Any other
+    failure is raised.
+    """
+    try:
+        mp.spawn(worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    except mp.ProcessExitedException as e:
+        saved = [os.path.exists(os.path.join(out, f"rank{r}{suffix}")) for r in (0, 1)]
+        if e.signal_name is None or not all(saved):
+            raise
+        warnings.warn(f"a rank crashed after saving its result: {e}", stacklevel=2)
 
 
 def spawn_two_ranks(worker, out):
     """Run ``worker(rank, 2, port, out)`` in two processes; their results, by rank."""
-    mp.spawn(worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    spawn(worker, out, ".pkl")
     results = []
     for rank in range(2):
         with open(os.path.join(out, f"rank{rank}.pkl"), "rb") as f:
@@ -118,7 +153,8 @@ def _worker(rank, world_size, port, out):
         # The stochastic log-det: roulette drawn from the shared generator.
         series = dict(FIT, max_iter=2, logdet_estimator="unbiased")
         unbiased = ResidualFlowDensity(**series).fit(X[rows])
-    torch.save(
+    save_result(
+        torch.save,
         {
             "grads": [p.grad for p in params],
             "state": est.flow_.state_dict(),
@@ -129,13 +165,13 @@ def _worker(rank, world_size, port, out):
         },
         os.path.join(out, f"rank{rank}.pt"),
     )
-    dist.destroy_process_group()
+    leave_group()
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ddp"))
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    spawn(_worker, out, ".pt")
     return [
         torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False)
         for r in range(2)
