@@ -366,6 +366,30 @@ def test_shared_normalization_gives_the_per_layer_weights_and_gradients():
         torch.testing.assert_close(s, d, rtol=0, atol=1e-14)
 
 
+def test_shared_normalization_second_derivatives_are_the_per_layer_ones():
+    """The closed-form backward pass of the shared normalisation is itself
+    differentiable (``create_graph=True``), with autograd's second derivatives."""
+    layers = [LipschitzLinear(4, 3, coeff=c).to(DTYPE) for c in (0.5, 2.0)]
+    with torch.no_grad():
+        layers[0].weight.mul_(3)  # normalised; the other one not
+    lipschitz.refresh_layers(layers)
+    weights = [layer.weight for layer in layers]
+    c = [randn(3, 4, seed=i) for i in range(2)]
+
+    def second(normalized):
+        loss = sum((a * w.square()).sum() for a, w in zip(c, normalized, strict=True))
+        first = torch.autograd.grad(loss, weights, create_graph=True)
+        total = sum((f * w).sum() for f, w in zip(first, weights, strict=True))
+        return torch.autograd.grad(total, weights)
+
+    direct = second([layer.normalized_weight() for layer in layers])
+    with lipschitz.shared_normalization(layers):
+        shared = second([layer.normalized_weight() for layer in layers])
+    for d, s in zip(direct, shared, strict=True):
+        assert d.abs().max() > 0
+        torch.testing.assert_close(s, d, rtol=0, atol=1e-13)
+
+
 def test_shared_normalization_without_gradients_and_cleared_on_error():
     layer = LipschitzLinear(3, 3).to(DTYPE)
     with torch.no_grad():
