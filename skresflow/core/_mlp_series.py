@@ -278,7 +278,9 @@ def _factor_grads(factors, v, s, n_probes):
         elif kind == "c":
             grads[i] = _conv_weight_grad(ts[i], f, s)
         else:
-            grads[i] = (s * ts[i]).view(n_probes, -1, *f.shape[1:]).sum(0)
+            grads[i] = s * ts[i]
+            if n_probes > 1:
+                grads[i] = grads[i].view(n_probes, -1, *f.shape[1:]).sum(0)
         if i:
             s = s @ f if kind == "w" else _conv_vjp(s, f) if kind == "c" else s * f
     return grads
