@@ -228,10 +228,10 @@ class _NormalizedTogether(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, u, v, sigma, coeff):
         ratio = sigma / coeff
-        inv = ratio.clamp(min=1.0).reciprocal()
-        ctx.save_for_backward(w, u, v, sigma, inv, ratio >= 1.0)
+        scale = ratio.clamp(min=1.0)
+        ctx.save_for_backward(w, u, v, sigma, scale.reciprocal(), ratio >= 1.0)
         ctx.coeff = coeff
-        return w * inv[:, None, None]
+        return w / scale[:, None, None]  # bit for bit the per-layer weight
 
     @staticmethod
     def backward(ctx, g):
