@@ -231,7 +231,10 @@ class _NormalizedTogether(torch.autograd.Function):
         scale = ratio.clamp(min=1.0)
         ctx.save_for_backward(w, u, v, sigma, scale.reciprocal(), ratio >= 1.0)
         ctx.coeff = coeff
-        return w / scale[:, None, None]  # bit for bit the per-layer weight
+        # Bit for bit the per-layer weight (on CUDA only with one coeff for all:
+        # a division by a tensor there may differ from one by a float in the
+        # last bit).
+        return w / scale[:, None, None]
 
     @staticmethod
     def backward(ctx, g):
@@ -240,7 +243,7 @@ class _NormalizedTogether(torch.autograd.Function):
             out = _normalized_reference(w, u, v, sigma, ctx.coeff)
             (gw,) = torch.autograd.grad(out, w, g, create_graph=True)
             return gw, None, None, None, None
-        c = (g * w).flatten(1).sum(1) * inv.square() * active / ctx.coeff
+        c = (g * w).sum((-2, -1)) * inv.square() * active / ctx.coeff
         gw = torch.baddbmm(
             g * inv[:, None, None],
             (u * c[:, None]).unsqueeze(-1),

@@ -390,6 +390,27 @@ def test_shared_normalization_second_derivatives_are_the_per_layer_ones():
         torch.testing.assert_close(s, d, rtol=0, atol=1e-13)
 
 
+def test_shared_normalization_batched_gradients():
+    """``is_grads_batched`` (vmap over the backward pass) through the closed-form
+    backward gives the gradients of one call per cotangent."""
+    layers = [LipschitzLinear(4, 3, coeff=0.5).to(DTYPE) for _ in range(2)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.mul_(3)
+    lipschitz.refresh_layers(layers)
+    weights = [layer.weight for layer in layers]
+    with lipschitz.shared_normalization(layers):
+        out = torch.stack([layer.normalized_weight() for layer in layers])
+    cotangents = randn(5, *out.shape, seed=7)
+    batched = torch.autograd.grad(
+        out, weights, cotangents, is_grads_batched=True, retain_graph=True
+    )
+    for k, c in enumerate(cotangents):
+        one = torch.autograd.grad(out, weights, c, retain_graph=True)
+        for b, o in zip(batched, one, strict=True):
+            torch.testing.assert_close(b[k], o, rtol=0, atol=1e-14)
+
+
 def test_shared_normalization_without_gradients_and_cleared_on_error():
     layer = LipschitzLinear(3, 3).to(DTYPE)
     with torch.no_grad():
