@@ -40,6 +40,10 @@ EVAL_STEPS = 50  # the validation loss is computed about every this many steps
 # beat 5e-3 and 1e-3 on every data set of the defaults experiment); convolutional
 # image flows were tuned on digits at 3e-3.
 AUTO_LEARNING_RATE = {"tabular": 1e-2, "image": 3e-3}
+# fit() on fewer training rows than this (after the validation split: tables of
+# up to 198 rows at the default validation_fraction) builds the "auto"
+# architecture of small tables (_density.py).
+SMALL_TABLE_ROWS = 180
 
 
 def resolve_device(device):
@@ -97,8 +101,10 @@ class BaseResidualFlow(BaseEstimator):
     }
 
     # ------------------------------------------------------------------ hooks
-    def _build_flow(self, X, sample_weight, device="cpu"):
-        """The flow for ``X``, on ``device``, data-dependent parts initialised."""
+    def _build_flow(self, X, sample_weight, device="cpu", small=False):
+        """The flow for ``X``, on ``device``, data-dependent parts initialised;
+        ``small``: ``fit`` was given a small table (:meth:`partial_fit`'s first
+        chunk never counts as one)."""
         raise NotImplementedError
 
     def _configure_for_training(self, flow):
@@ -253,7 +259,9 @@ class BaseResidualFlow(BaseEstimator):
                 torch.manual_seed(seed)
                 # Built (and initialised) in float32, then cast to ``dtype``.
                 build = tuple(t.float() for t in build)
-                flow = self._build_flow(*build, device=self.device_).to(dtype)
+                small = not incremental and build[0].shape[0] < SMALL_TABLE_ROWS
+                flow = self._build_flow(*build, device=self.device_, small=small)
+                flow = flow.to(dtype)
             if self._dp is not None:
                 self._dp.broadcast_module(flow)
         else:

@@ -346,8 +346,8 @@ hidden_dims_, logdet_estimator_, scoring_estimator_
             )
         return HybridFlow(flow, module)
 
-    def _build_flow(self, X, sample_weight, device="cpu"):
-        flow = super()._build_flow(X, sample_weight, device)
+    def _build_flow(self, X, sample_weight, device="cpu", small=False):
+        flow = super()._build_flow(X, sample_weight, device, small)
         with torch.no_grad():  # data-dependent init of the head's ActNorms
             flow.classify(self._training_view(X[:2048]).to(device), density=False)
         return flow

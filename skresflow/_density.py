@@ -26,11 +26,16 @@ SCORING_EXACT_TERMS = 20  # series terms when scoring with the unbiased estimato
 # trained faster and better than wide ones at the default step budget; depth helps
 # low-dimensional data most, where the exact log-det keeps 16 blocks cheap.
 AUTO_BLOCKS = {"low_dim": 16, "tabular": 8, "image": 2}
+# Tables that leave fewer than SMALL_TABLE_ROWS (_base.py) rows for training get
+# a smaller model (docs/benchmarks/tabular_defaults.md, "Smaller models for small
+# tables"): the default one overfits them, and early stopping on a validation
+# split of a dozen rows cannot tell when.
+AUTO_BLOCKS_SMALL = {"low_dim": 4, "tabular": 2}
 # max_iter="auto" for low-dimensional tables (up to EXACT_TRAIN_MAX_FEATURES):
 # 3,000 optimiser steps instead of AUTO_STEPS' 2,000 (docs/benchmarks/
 # tabular_defaults.md, "More steps for low-dimensional data").
 AUTO_STEPS_LOW_DIM = 3000
-AUTO_HIDDEN_DIMS = {"tabular": (32, 32), "image": (128, 128)}
+AUTO_HIDDEN_DIMS = {"tabular": (32, 32), "image": (128, 128), "small": (16, 16)}
 # Images (docs/benchmarks/digits.md): 2 conv blocks per scale (and 600 optimiser
 # steps, AUTO_STEPS in _base.py) beat a tuned GaussianMixture on digits in a few
 # CPU minutes.
@@ -53,12 +58,15 @@ class ResidualFlowDensity(DensityMixin, TransformerMixin, BaseResidualFlow):
     ----------
     n_blocks : int or "auto", default="auto"
         Residual blocks, each preceded by an ActNorm layer: in total for tabular
-        data ("auto": 16 up to 8 features, 8 above), per scale for images
-        ("auto": 2).
+        data ("auto": 16 up to 8 features, 8 above; for small tables, which
+        leave fewer than 180 rows for training after the validation split, 4
+        and 2), per scale for images ("auto": 2).
     hidden_dims : tuple of int or "auto", default="auto"
         Hidden widths of each block's MLP branch (for images: of the fully
-        connected blocks at the end). "auto": (32, 32) for tabular data,
-        (128, 128) for images.
+        connected blocks at the end). "auto": (32, 32) for tabular data, (16, 16)
+        for small tables, (128, 128) for images. :meth:`partial_fit` never
+        counts as a small table (its first chunk says nothing about the size of
+        the data).
     hidden_channels : int, default=32
         Hidden channels of the convolutional branches (images only; the paper
         uses 512 on GPUs).
@@ -244,8 +252,11 @@ default="memory_efficient"
     def _n_dims(self):
         return int(np.prod(self.event_shape_))
 
-    def _build_flow(self, X, sample_weight, device="cpu"):
-        self.n_blocks_, self.hidden_dims_ = self._n_blocks(), self._hidden_dims()
+    def _build_flow(self, X, sample_weight, device="cpu", small=False):
+        self.n_blocks_, self.hidden_dims_ = (
+            self._n_blocks(small),
+            self._hidden_dims(small),
+        )
         centres = self._training_view(X)
         if self._is_image and self.n_bins:
             preprocessing = "logit"
@@ -313,23 +324,27 @@ default="memory_efficient"
             return self.n_blocks_, tuple(self.hidden_dims_)
         return self._n_blocks(), self._hidden_dims()
 
-    def _n_blocks(self):
+    def _n_blocks(self, small=False):
         if self.n_blocks != "auto":
             return self.n_blocks
         if self._is_image:
             return AUTO_BLOCKS["image"]
         low = self._n_dims <= EXACT_TRAIN_MAX_FEATURES
-        return AUTO_BLOCKS["low_dim" if low else "tabular"]
+        return (AUTO_BLOCKS_SMALL if small else AUTO_BLOCKS)[
+            "low_dim" if low else "tabular"
+        ]
 
     def _auto_steps(self):
         if not self._is_image and self._n_dims <= EXACT_TRAIN_MAX_FEATURES:
             return AUTO_STEPS_LOW_DIM
         return super()._auto_steps()
 
-    def _hidden_dims(self):
+    def _hidden_dims(self, small=False):
         if self.hidden_dims != "auto":
             return tuple(self.hidden_dims)
-        return AUTO_HIDDEN_DIMS["image" if self._is_image else "tabular"]
+        if self._is_image:
+            return AUTO_HIDDEN_DIMS["image"]
+        return AUTO_HIDDEN_DIMS["small" if small else "tabular"]
 
     def _resolved_estimator(self):
         if self.logdet_estimator != "auto":

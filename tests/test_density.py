@@ -188,6 +188,30 @@ def test_auto_training_length_counts_optimiser_steps(moons, monkeypatch):
     assert defaults["max_iter"] == defaults["n_iter_no_change"] == "auto"
 
 
+def test_auto_architecture_is_smaller_for_small_tables(monkeypatch):
+    # Built, not trained: the architecture is resolved before the first step.
+    monkeypatch.setattr(base_module, "AUTO_STEPS", {"tabular": 1, "image": 1})
+    monkeypatch.setattr(density_module, "AUTO_STEPS_LOW_DIM", 1)
+    rng = np.random.default_rng(0)
+
+    def arch(X, method="fit", **params):
+        est = ResidualFlowDensity(n_iter_no_change=None, random_state=0, **params)
+        getattr(est, method)(X)
+        return est.n_blocks_, est.hidden_dims_
+
+    # 198 rows leave 198 - 19 = 179 for training, 199 leave 180.
+    assert arch(rng.normal(size=(198, 3))) == (4, (16, 16))
+    assert arch(rng.normal(size=(199, 3))) == (16, (32, 32))
+    assert arch(rng.normal(size=(150, 20))) == (2, (16, 16))
+    assert arch(rng.normal(size=(300, 20))) == (8, (32, 32))
+    # The rule counts training rows: without a validation split 198 are not small.
+    assert arch(rng.normal(size=(198, 3)), validation_fraction=0) == (16, (32, 32))
+    # partial_fit's first chunk says nothing about the size of the data.
+    assert arch(rng.normal(size=(50, 3)), "partial_fit") == (16, (32, 32))
+    # Explicit values are kept.
+    assert arch(rng.normal(size=(100, 3)), n_blocks=3, hidden_dims=(8,)) == (3, (8,))
+
+
 def test_early_stopping_restores_best(moons, monkeypatch):
     monkeypatch.setattr(base_module, "EVAL_STEPS", 1)  # validate every epoch
     est = ResidualFlowDensity(
