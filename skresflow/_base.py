@@ -293,12 +293,16 @@ class BaseResidualFlow(BaseEstimator):
         return AUTO_LEARNING_RATE[self._data_kind()]
 
     def _split(self, n_samples):
-        """Random train/validation split; validation only if it leaves enough rows."""
+        """Random train/validation split: ``validation_fraction`` of the rows, at
+        least 2, while at least as many are left for training."""
         dp = getattr(self, "_dp", None)
         generator = self._generator if dp is None else dp.local_generator
         perm = torch.randperm(n_samples, generator=generator)
-        n_val = int(self.validation_fraction * n_samples)
-        if n_val < 2 or n_samples - n_val < 2:
+        # Tiny tables keep 2 validation rows: monitoring the training loss instead
+        # lets the flow collapse onto its few rows (docs/benchmarks/
+        # tabular_defaults.md, "Tables of a few dozen rows").
+        n_val = max(2, int(self.validation_fraction * n_samples))
+        if self.validation_fraction == 0 or n_samples - n_val < n_val:
             return perm, perm[:0]
         return perm[n_val:], perm[:n_val]
 
@@ -402,9 +406,10 @@ class BaseResidualFlow(BaseEstimator):
         if self._dp is not None:  # bit-identical models, even across unlike hardware
             self._dp.broadcast_module(self.flow_)
         if warn and not stopped_early and patience is not None:
+            monitored = "validation" if has_val else "training (no validation split)"
             warnings.warn(
                 f"{type(self).__name__} reached max_iter={self.max_iter} "
-                f"({n_epochs} epochs) while the validation loss was still "
+                f"({n_epochs} epochs) while the {monitored} loss was still "
                 "improving; increase max_iter (or learning_rate) for a better model.",
                 ConvergenceWarning,
                 stacklevel=5,

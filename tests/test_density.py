@@ -212,6 +212,26 @@ def test_auto_architecture_is_smaller_for_small_tables(monkeypatch):
     assert arch(rng.normal(size=(100, 3)), n_blocks=3, hidden_dims=(8,)) == (3, (8,))
 
 
+@pytest.mark.parametrize(
+    "n_rows, fraction, n_val",
+    [(30, 0.1, 3), (19, 0.1, 2), (4, 0.1, 2), (3, 0.1, 0), (13, 0.5, 6), (30, 0, 0)],
+)
+def test_validation_split_keeps_two_rows_for_tiny_tables(n_rows, fraction, n_val):
+    est = ResidualFlowDensity(validation_fraction=fraction)
+    est._generator = torch.Generator().manual_seed(0)
+    train, val = est._split(n_rows)
+    assert len(val) == n_val
+    assert sorted(torch.cat([train, val]).tolist()) == list(range(n_rows))
+
+
+def test_convergence_warning_names_the_monitored_loss(moons):
+    params = {**SMALL, "max_iter": 2, "n_iter_no_change": 100}
+    with pytest.warns(ConvergenceWarning, match="the validation loss"):
+        ResidualFlowDensity(**params).fit(moons)
+    with pytest.warns(ConvergenceWarning, match=r"training \(no validation split\)"):
+        ResidualFlowDensity(**params, validation_fraction=0).fit(moons)
+
+
 def test_early_stopping_restores_best(moons, monkeypatch):
     monkeypatch.setattr(base_module, "EVAL_STEPS", 1)  # validate every epoch
     est = ResidualFlowDensity(
