@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn import datasets as skdata
 from sklearn.model_selection import KFold
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -62,10 +63,21 @@ VARIANTS = ("large", "s16x4", "s8x4", "b4", "h16", "lr3e-3", "c0.9", "vf0.2")
 BASELINES = {"gmm": bench.tune_gmm, "kde": bench.tune_kde}
 
 
+# Small tables outside bench_tabular.py, to check the rule on data it was not
+# chosen on: 150 rows each (linnerud has 20).
+EXTRA = {
+    "blobs": lambda: skdata.make_blobs(150, n_features=5, centers=3, random_state=0)[0],
+    "s_curve": lambda: skdata.make_s_curve(150, noise=0.05, random_state=0)[0],
+    "swiss_roll": lambda: skdata.make_swiss_roll(150, noise=0.5, random_state=0)[0],
+    "linnerud": lambda: skdata.load_linnerud().data.astype(float),
+}
+
+
 def load(spec):
-    """``name`` or ``name:rows``: the benchmark's training rows (subsampled)."""
+    """``name`` or ``name:rows``: the benchmark's training rows (subsampled), or
+    one of ``EXTRA``."""
     name, _, rows = spec.partition(":")
-    X = bench.load_dataset(name)[0]
+    X = EXTRA[name]() if name in EXTRA else bench.load_dataset(name)[0]
     if rows:
         X = X[np.random.default_rng(0).permutation(len(X))[: int(rows)]]
     return X
