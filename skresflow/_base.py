@@ -294,15 +294,18 @@ class BaseResidualFlow(BaseEstimator):
 
     def _split(self, n_samples):
         """Random train/validation split: ``validation_fraction`` of the rows, at
-        least 2, while at least as many are left for training."""
+        least 2 from 4 rows on; none if either part would have fewer than 2."""
         dp = getattr(self, "_dp", None)
         generator = self._generator if dp is None else dp.local_generator
         perm = torch.randperm(n_samples, generator=generator)
-        # Tiny tables keep 2 validation rows: monitoring the training loss instead
-        # lets the flow collapse onto its few rows (docs/benchmarks/
-        # tabular_defaults.md, "Tables of a few dozen rows").
-        n_val = max(2, int(self.validation_fraction * n_samples))
-        if self.validation_fraction == 0 or n_samples - n_val < n_val:
+        n_val = int(self.validation_fraction * n_samples)
+        if self.validation_fraction > 0 and n_samples >= 4:
+            # Tiny tables keep 2 validation rows: monitoring the training loss
+            # instead lets the flow collapse onto its few rows (docs/benchmarks/
+            # tabular_defaults.md, "Unseen small tables, and tables of a few
+            # dozen rows").
+            n_val = max(n_val, 2)
+        if n_val < 2 or n_samples - n_val < 2:
             return perm, perm[:0]
         return perm[n_val:], perm[:n_val]
 

@@ -120,8 +120,8 @@ default="memory_efficient"
         Decoupled weight decay.
     validation_fraction : float, default=0.1
         Share of rows held out to monitor the loss (early stopping keeps the best
-        epoch), at least 2 rows while at least as many are left for training
-        (so tables of 4 to 19 rows hold out 2). 0 monitors the training loss.
+        epoch), at least 2 rows (so tables of 4 to 19 rows hold out 2); none if
+        fewer than 2 would be left for training. 0 monitors the training loss.
     n_iter_no_change : int, "auto" or None, default="auto"
         Epochs without improvement of more than ``tol`` before stopping; None
         trains for ``max_iter`` epochs and keeps the last. ``"auto"``: the

@@ -214,7 +214,16 @@ def test_auto_architecture_is_smaller_for_small_tables(monkeypatch):
 
 @pytest.mark.parametrize(
     "n_rows, fraction, n_val",
-    [(30, 0.1, 3), (19, 0.1, 2), (4, 0.1, 2), (3, 0.1, 0), (13, 0.5, 6), (30, 0, 0)],
+    [
+        (30, 0.1, 3),
+        (19, 0.1, 2),
+        (4, 0.1, 2),
+        (3, 0.1, 0),
+        (13, 0.5, 6),
+        (30, 0.9, 27),
+        (20, 0.95, 0),
+        (30, 0, 0),
+    ],
 )
 def test_validation_split_keeps_two_rows_for_tiny_tables(n_rows, fraction, n_val):
     est = ResidualFlowDensity(validation_fraction=fraction)
