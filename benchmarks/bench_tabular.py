@@ -210,6 +210,8 @@ def step_budget_params(
     the rows is split into batches of ``batch_size``.
     """
     n_val = int(validation_fraction * n_samples)
+    if validation_fraction > 0 and n_samples >= 4:
+        n_val = max(n_val, 2)
     n_train = n_samples - n_val if n_val >= 2 and n_samples - n_val >= 2 else n_samples
     per_epoch = -(-n_train // min(batch_size, n_train))
     out = dict(max_iter=max(1, math.ceil(steps / per_epoch)))
@@ -385,6 +387,11 @@ def main(argv=None):
     )
     parser.add_argument("--out", default=str(DOCS / "tabular_results.json"))
     parser.add_argument(
+        "--figure",
+        default=str(DOCS / "tabular_densities.png"),
+        help="where the figure of the toys' densities goes ('none': no figure)",
+    )
+    parser.add_argument(
         "--page",
         default=str(DOCS / "tabular.md"),
         help="markdown page whose generated block is rewritten "
@@ -505,8 +512,8 @@ def main(argv=None):
         )
         if args.page != "none":
             write_page(markdown(info, results, timing), Path(args.page))
-        if any(n in fitted for n in TOY_DATASETS):
-            density_figure(fitted, DOCS / "tabular_densities.png")
+        if args.figure != "none" and any(n in fitted for n in TOY_DATASETS):
+            density_figure(fitted, Path(args.figure))
     return results
 
 

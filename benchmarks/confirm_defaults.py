@@ -47,6 +47,7 @@ VARIANTS = {
     # 3,000 steps: 2.7x the rows seen, 1.26x the CPU time (tabular_defaults.md).
     "bs1024": {"batch_size": 1024, "steps": 2000},
     "c0.99": {"lipschitz_coeff": 0.99},
+    "bs512": {"batch_size": 512, "steps": 3000},
     # Deeper for fewer steps, at about the low-dimensional default's CPU time.
     "nb24s2000": {"n_blocks": 24, "steps": 2000},
     "nb32s1500": {"n_blocks": 32, "steps": 1500},

@@ -36,11 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_tabular as bench  # noqa: E402
 
 from skresflow import ResidualFlowDensity  # noqa: E402
+from skresflow._density import EXACT_TRAIN_MAX_FEATURES  # noqa: E402
 
 
 def variant_params(name, n_features):
     """Parameters of ``name``; block counts depend on the low-dimensional bound."""
-    low = n_features <= 8
+    low = n_features <= EXACT_TRAIN_MAX_FEATURES
     return {
         "large": dict(n_blocks=16 if low else 8, hidden_dims=(32, 32)),
         "s16x4": dict(n_blocks=4 if low else 2, hidden_dims=(16, 16)),

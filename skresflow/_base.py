@@ -491,6 +491,8 @@ class BaseResidualFlow(BaseEstimator):
         X, w = val[:2]
         log_p = self._log_prob(scorer, X.double())
         w = w.double().to(log_p.device)
+        if not float(w.sum()) > 0:  # all held-out rows weigh 0: monitor them all
+            w = torch.ones_like(w)
         return float(-(w * log_p).sum() / w.sum())
 
     def _make_scorer(self, flow, state):

@@ -72,9 +72,10 @@ activation, logdet_estimator, n_exact_terms, logdet_grad
     weight_decay : float, default=0.0
     validation_fraction : float, default=0.0
         Share of rows held out to monitor the objective (early stopping keeps
-        the best epoch); 0 monitors the training objective. Off by default:
-        monitoring scores the held-out rows' exact density every epoch, which
-        costs more than a small training epoch.
+        the best epoch; at least 2 rows from 4 rows on, none if fewer than 2
+        would be left for training); 0 monitors the training objective. Off by
+        default: monitoring scores the held-out rows' exact density every
+        epoch, which costs more than a small training epoch.
     n_iter_no_change : int or None, default=10
     tol : float, default=1e-4
         Minimum improvement of the monitored objective (nats per row).

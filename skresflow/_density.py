@@ -31,11 +31,12 @@ AUTO_BLOCKS = {"low_dim": 16, "tabular": 8, "image": 2}
 # tables"): the default one overfits them, and early stopping on a validation
 # split of a dozen rows cannot tell when.
 AUTO_BLOCKS_SMALL = {"low_dim": 4, "tabular": 2}
+AUTO_HIDDEN_DIMS_SMALL = (16, 16)
 # max_iter="auto" for low-dimensional tables (up to EXACT_TRAIN_MAX_FEATURES):
 # 3,000 optimiser steps instead of AUTO_STEPS' 2,000 (docs/benchmarks/
 # tabular_defaults.md, "More steps for low-dimensional data").
 AUTO_STEPS_LOW_DIM = 3000
-AUTO_HIDDEN_DIMS = {"tabular": (32, 32), "image": (128, 128), "small": (16, 16)}
+AUTO_HIDDEN_DIMS = {"tabular": (32, 32), "image": (128, 128)}
 # Images (docs/benchmarks/digits.md): 2 conv blocks per scale (and 600 optimiser
 # steps, AUTO_STEPS in _base.py) beat a tuned GaussianMixture on digits in a few
 # CPU minutes.
@@ -120,8 +121,10 @@ default="memory_efficient"
         Decoupled weight decay.
     validation_fraction : float, default=0.1
         Share of rows held out to monitor the loss (early stopping keeps the best
-        epoch), at least 2 rows (so tables of 4 to 19 rows hold out 2); none if
-        fewer than 2 would be left for training. 0 monitors the training loss.
+        epoch), at least 2 rows from 4 rows on (at the default 0.1, tables of 4
+        to 19 rows hold out 2); none if fewer than 2 would be left for training.
+        0 monitors the training loss. In a data-parallel fit each process holds
+        out its share of its own rows.
     n_iter_no_change : int, "auto" or None, default="auto"
         Epochs without improvement of more than ``tol`` before stopping; None
         trains for ``max_iter`` epochs and keeps the last. ``"auto"``: the
@@ -345,7 +348,7 @@ default="memory_efficient"
             return tuple(self.hidden_dims)
         if self._is_image:
             return AUTO_HIDDEN_DIMS["image"]
-        return AUTO_HIDDEN_DIMS["small" if small else "tabular"]
+        return AUTO_HIDDEN_DIMS_SMALL if small else AUTO_HIDDEN_DIMS["tabular"]
 
     def _resolved_estimator(self):
         if self.logdet_estimator != "auto":

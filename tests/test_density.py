@@ -233,6 +233,18 @@ def test_validation_split_keeps_two_rows_for_tiny_tables(n_rows, fraction, n_val
     assert sorted(torch.cat([train, val]).tolist()) == list(range(n_rows))
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("seed", range(6))
+def test_validation_rows_of_zero_weight_are_monitored_unweighted(seed):
+    # 12 rows, 2 held out: for some seeds both have weight 0 (a NaN loss before).
+    X = np.random.default_rng(0).normal(size=(12, 2))
+    w = np.r_[np.ones(4), np.zeros(8)]
+    params = {**SMALL, "max_iter": 20, "n_iter_no_change": 5, "random_state": seed}
+    est = ResidualFlowDensity(**params).fit(X, sample_weight=w)
+    assert all(np.isfinite(h["val_loss"]) for h in est.history_ if "val_loss" in h)
+    assert np.isfinite(est.score_samples(X)).all()
+
+
 def test_convergence_warning_names_the_monitored_loss(moons):
     params = {**SMALL, "max_iter": 2, "n_iter_no_change": 100}
     with pytest.warns(ConvergenceWarning, match="the validation loss"):

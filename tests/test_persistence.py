@@ -139,6 +139,21 @@ def test_loading_re_establishes_the_lipschitz_constraint(saved, data):
     np.testing.assert_allclose(loaded.inverse_transform(Z), data, atol=1e-8)
 
 
+def test_small_table_architecture_round_trips(tmp_path):
+    small_table = make_toy("moons", 100, random_state=0)
+    params = {**SMALL, "n_blocks": "auto", "hidden_dims": "auto"}
+    est = ResidualFlowDensity(**params).fit(small_table)
+    assert (est.n_blocks_, est.hidden_dims_) == (4, (16, 16))
+    est.save(tmp_path / "small.skf")
+    loaded = skresflow.load(tmp_path / "small.skf")
+    assert (loaded.n_blocks_, loaded.hidden_dims_) == (4, (16, 16))
+    np.testing.assert_array_equal(
+        loaded.score_samples(small_table), est.score_samples(small_table)
+    )
+    detector = skresflow.ResidualFlowOutlierDetector(**params).fit(small_table)
+    assert (detector.n_blocks_, detector.hidden_dims_) == (4, (16, 16))
+
+
 def test_auto_architecture_is_stored_with_the_model(data, tmp_path, monkeypatch):
     # The "auto" values may change between versions: a saved model keeps its own.
     params = {**SMALL, "n_blocks": "auto", "hidden_dims": "auto"}
