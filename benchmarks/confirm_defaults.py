@@ -42,6 +42,8 @@ VARIANTS = {
     "h64": {"hidden_dims": (64, 64)},
     "h128": {"hidden_dims": (128, 128)},
     "lr5e-3": {"learning_rate": 5e-3},
+    "lr2e-2": {"learning_rate": 2e-2},
+    "lr4e-2": {"learning_rate": 4e-2},
     "nb16": {"n_blocks": 16},
     # Four times the batch for two thirds of the low-dimensional default's
     # 3,000 steps: 2.7x the rows seen, 1.26x the CPU time (tabular_defaults.md).

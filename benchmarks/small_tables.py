@@ -45,6 +45,9 @@ def variant_params(name, n_features):
     return {
         "large": dict(n_blocks=16 if low else 8, hidden_dims=(32, 32)),
         "s16x4": dict(n_blocks=4 if low else 2, hidden_dims=(16, 16)),
+        "s16x4lr2e-2": dict(
+            n_blocks=4 if low else 2, hidden_dims=(16, 16), learning_rate=2e-2
+        ),
         "s8x4": dict(n_blocks=4 if low else 2, hidden_dims=(8, 8)),
         "b4": dict(n_blocks=4 if low else 2, hidden_dims=(32, 32)),
         "h16": dict(n_blocks=16 if low else 8, hidden_dims=(16, 16)),
@@ -60,7 +63,9 @@ def variant_params(name, n_features):
     }[name]
 
 
-VARIANTS = ("large", "s16x4", "s8x4", "b4", "h16", "lr3e-3", "c0.9", "vf0.2")
+VARIANTS = (
+    "large", "s16x4", "s16x4lr2e-2", "s8x4", "b4", "h16", "lr3e-3", "c0.9", "vf0.2"
+)
 BASELINES = {"gmm": bench.tune_gmm, "kde": bench.tune_kde}
 
 

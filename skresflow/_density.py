@@ -36,6 +36,9 @@ AUTO_HIDDEN_DIMS_SMALL = (16, 16)
 # 3,000 optimiser steps instead of AUTO_STEPS' 2,000 (docs/benchmarks/
 # tabular_defaults.md, "More steps for low-dimensional data").
 AUTO_STEPS_LOW_DIM = 3000
+# learning_rate="auto" for the same tables: 2e-2 instead of AUTO_LEARNING_RATE's
+# 1e-2 (tabular_defaults.md, "A higher learning rate for low-dimensional data").
+AUTO_LEARNING_RATE_LOW_DIM = 2e-2
 AUTO_HIDDEN_DIMS = {"tabular": (32, 32), "image": (128, 128)}
 # Images (docs/benchmarks/digits.md): 2 conv blocks per scale (and 600 optimiser
 # steps, AUTO_STEPS in _base.py) beat a tuned GaussianMixture on digits in a few
@@ -115,8 +118,8 @@ default="memory_efficient"
     batch_size : int, default=256
     learning_rate : float or "auto", default="auto"
         Peak Adam learning rate (linear warm-up over the first 10% of steps, at
-        most 500, then cosine decay). ``"auto"``: 1e-2 for tabular data, 3e-3
-        for images.
+        most 500, then cosine decay). ``"auto"``: 2e-2 for tables of up to 8
+        features, 1e-2 above, 3e-3 for images.
     weight_decay : float, default=0.0
         Decoupled weight decay.
     validation_fraction : float, default=0.1
@@ -338,10 +341,18 @@ default="memory_efficient"
             "low_dim" if low else "tabular"
         ]
 
+    def _low_dim_table(self):
+        return not self._is_image and self._n_dims <= EXACT_TRAIN_MAX_FEATURES
+
     def _auto_steps(self):
-        if not self._is_image and self._n_dims <= EXACT_TRAIN_MAX_FEATURES:
+        if self._low_dim_table():
             return AUTO_STEPS_LOW_DIM
         return super()._auto_steps()
+
+    def _learning_rate(self):
+        if self.learning_rate == "auto" and self._low_dim_table():
+            return AUTO_LEARNING_RATE_LOW_DIM
+        return super()._learning_rate()
 
     def _hidden_dims(self, small=False):
         if self.hidden_dims != "auto":

@@ -183,7 +183,9 @@ def test_auto_training_length_counts_optimiser_steps(moons, monkeypatch):
     assert est.n_iter_ == 3  # 20 steps; 540 training rows / 64 = 9 steps per epoch
     wide = np.hstack([moons] * 5)  # 10 features: more than the low-dimensional 8
     assert _fit(wide, max_iter="auto").n_iter_ == 5  # 40 steps
-    assert est._learning_rate() == base_module.AUTO_LEARNING_RATE["tabular"]
+    assert est._learning_rate() == density_module.AUTO_LEARNING_RATE_LOW_DIM == 2e-2
+    wide_est = _fit(wide, max_iter=1, learning_rate="auto")
+    assert wide_est._learning_rate() == base_module.AUTO_LEARNING_RATE["tabular"]
     defaults = ResidualFlowDensity().get_params()
     assert defaults["max_iter"] == defaults["n_iter_no_change"] == "auto"
 
