@@ -38,7 +38,8 @@ AUTO_PATIENCE_STEPS = 500  # n_iter_no_change="auto": this many steps, >= 10 epo
 EVAL_STEPS = 50  # the validation loss is computed about every this many steps
 # learning_rate="auto": MLP flows on tables train best with a high rate (lr 1e-2
 # beat 5e-3 and 1e-3 on every data set of the defaults experiment); convolutional
-# image flows were tuned on digits at 3e-3.
+# image flows were tuned on digits at 3e-3. Tables of up to 8 features use 2e-2
+# (AUTO_LEARNING_RATE_LOW_DIM in _density.py).
 AUTO_LEARNING_RATE = {"tabular": 1e-2, "image": 3e-3}
 # fit() on fewer training rows than this (after the validation split: tables of
 # up to 198 rows at the default validation_fraction) builds the "auto"
