@@ -336,7 +336,7 @@ default="memory_efficient"
             return self.n_blocks
         if self._is_image:
             return AUTO_BLOCKS["image"]
-        low = self._n_dims <= EXACT_TRAIN_MAX_FEATURES
+        low = self._low_dim_table()
         return (AUTO_BLOCKS_SMALL if small else AUTO_BLOCKS)[
             "low_dim" if low else "tabular"
         ]
