@@ -483,8 +483,14 @@ class BaseResidualFlow(BaseEstimator):
         n = val[0].shape[0]
         weight = float(val[1].sum()) if n else 0.0
         loss = self._evaluate(flow, state, val) if n else 0.0
-        total, weight = self._dp.sum([loss * weight, weight])
-        return total / weight if weight else float("nan")
+        # Unweighted as well, for when every held-out row of every rank weighs
+        # 0 (then each rank's loss is its unweighted mean, as in one process).
+        total, weight, total_rows, rows = self._dp.sum(
+            [loss * weight, weight, loss * n, n]
+        )
+        if weight:
+            return total / weight
+        return total_rows / rows if rows else float("nan")
 
     def _evaluate(self, flow, state, val):
         """Validation NLL of the averaged weights, with the scoring estimator."""

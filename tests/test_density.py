@@ -247,6 +247,23 @@ def test_validation_rows_of_zero_weight_are_monitored_unweighted(seed):
     assert np.isfinite(est.score_samples(X)).all()
 
 
+def test_data_parallel_validation_loss_of_zero_weight_rows_is_finite(moons):
+    class OneRank:  # the reductions of a one-process group
+        def sum(self, values):
+            return [float(v) for v in values]
+
+    est = ResidualFlowDensity(**SMALL).fit(moons)
+    flow, state = est.flow_, est.flow_.state_dict()
+    val = (torch.tensor(moons[:8]), torch.zeros(8, dtype=torch.float64))
+    unweighted = est._evaluate(flow, state, (val[0], torch.ones(8)))
+    est._dp = OneRank()
+    assert est._validation_loss(flow, state, val) == pytest.approx(unweighted)
+    weighted = (val[0], torch.linspace(0, 1, 8, dtype=torch.float64))
+    assert est._validation_loss(flow, state, weighted) == pytest.approx(
+        est._evaluate(flow, state, weighted)
+    )
+
+
 def test_convergence_warning_names_the_monitored_loss(moons):
     params = {**SMALL, "max_iter": 2, "n_iter_no_change": 100}
     with pytest.warns(ConvergenceWarning, match="the validation loss"):
