@@ -67,6 +67,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from skresflow import ResidualFlowDensity
+from skresflow._base import validation_rows
 from skresflow.datasets import TOY_DATASETS, make_toy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,13 +207,10 @@ def step_budget_params(
 ):
     """``max_iter`` / ``n_iter_no_change`` that give ``steps`` optimiser steps.
 
-    Mirrors ``BaseResidualFlow._split`` / ``_run_epochs``: the training part of
-    the rows is split into batches of ``batch_size``.
+    Mirrors ``BaseResidualFlow._run_epochs``: the training part of the rows
+    (``validation_rows`` decides the rest) is split into batches of ``batch_size``.
     """
-    n_val = int(validation_fraction * n_samples)
-    if validation_fraction > 0 and n_samples >= 4:
-        n_val = max(n_val, 2)
-    n_train = n_samples - n_val if n_val >= 2 and n_samples - n_val >= 2 else n_samples
+    n_train = n_samples - validation_rows(n_samples, validation_fraction)
     per_epoch = -(-n_train // min(batch_size, n_train))
     out = dict(max_iter=max(1, math.ceil(steps / per_epoch)))
     out["n_iter_no_change"] = (

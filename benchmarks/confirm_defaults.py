@@ -61,9 +61,13 @@ def params_for(variant, n_rows):
     params = dict(VARIANTS[variant])
     steps = params.pop("steps", None)
     if steps is not None:
-        n_train = n_rows - int(0.1 * n_rows)  # the default validation_fraction
-        per_epoch = -(-n_train // min(params.get("batch_size", 256), n_train))
-        params["max_iter"] = -(-steps // per_epoch)
+        budget, _ = bench.step_budget_params(
+            n_rows,
+            steps=steps,
+            patience_steps=None,
+            batch_size=params.get("batch_size", 256),
+        )
+        params["max_iter"] = budget["max_iter"]
     return params
 
 

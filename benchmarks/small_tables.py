@@ -42,24 +42,18 @@ from skresflow._density import EXACT_TRAIN_MAX_FEATURES  # noqa: E402
 def variant_params(name, n_features):
     """Parameters of ``name``; block counts depend on the low-dimensional bound."""
     low = n_features <= EXACT_TRAIN_MAX_FEATURES
+    large = dict(n_blocks=16 if low else 8, hidden_dims=(32, 32))
+    shallow = dict(n_blocks=4 if low else 2)
     return {
-        "large": dict(n_blocks=16 if low else 8, hidden_dims=(32, 32)),
-        "s16x4": dict(n_blocks=4 if low else 2, hidden_dims=(16, 16)),
-        "s16x4lr2e-2": dict(
-            n_blocks=4 if low else 2, hidden_dims=(16, 16), learning_rate=2e-2
-        ),
-        "s8x4": dict(n_blocks=4 if low else 2, hidden_dims=(8, 8)),
-        "b4": dict(n_blocks=4 if low else 2, hidden_dims=(32, 32)),
-        "h16": dict(n_blocks=16 if low else 8, hidden_dims=(16, 16)),
-        "lr3e-3": dict(
-            n_blocks=16 if low else 8, hidden_dims=(32, 32), learning_rate=3e-3
-        ),
-        "c0.9": dict(
-            n_blocks=16 if low else 8, hidden_dims=(32, 32), lipschitz_coeff=0.9
-        ),
-        "vf0.2": dict(
-            n_blocks=16 if low else 8, hidden_dims=(32, 32), validation_fraction=0.2
-        ),
+        "large": large,
+        "s16x4": dict(shallow, hidden_dims=(16, 16)),
+        "s16x4lr2e-2": dict(shallow, hidden_dims=(16, 16), learning_rate=2e-2),
+        "s8x4": dict(shallow, hidden_dims=(8, 8)),
+        "b4": dict(shallow, hidden_dims=(32, 32)),
+        "h16": dict(large, hidden_dims=(16, 16)),
+        "lr3e-3": dict(large, learning_rate=3e-3),
+        "c0.9": dict(large, lipschitz_coeff=0.9),
+        "vf0.2": dict(large, validation_fraction=0.2),
     }[name]
 
 

@@ -47,6 +47,19 @@ AUTO_LEARNING_RATE = {"tabular": 1e-2, "image": 3e-3}
 SMALL_TABLE_ROWS = 180
 
 
+def validation_rows(n_samples, fraction):
+    """Rows held out for validation: ``fraction`` of ``n_samples``, at least 2
+    from 4 rows on; 0 if either part would have fewer than 2 rows."""
+    n_val = int(fraction * n_samples)
+    if fraction > 0 and n_samples >= 4:
+        # Tiny tables keep 2 validation rows: monitoring the training loss
+        # instead lets the flow collapse onto its few rows (docs/benchmarks/
+        # tabular_defaults.md, "Unseen small tables, and tables of a few dozen
+        # rows").
+        n_val = max(n_val, 2)
+    return n_val if n_val >= 2 and n_samples - n_val >= 2 else 0
+
+
 def resolve_device(device):
     """``"auto"``: CUDA when available, else CPU; other values as torch reads them."""
     if device == "auto":
@@ -299,15 +312,7 @@ class BaseResidualFlow(BaseEstimator):
         dp = getattr(self, "_dp", None)
         generator = self._generator if dp is None else dp.local_generator
         perm = torch.randperm(n_samples, generator=generator)
-        n_val = int(self.validation_fraction * n_samples)
-        if self.validation_fraction > 0 and n_samples >= 4:
-            # Tiny tables keep 2 validation rows: monitoring the training loss
-            # instead lets the flow collapse onto its few rows (docs/benchmarks/
-            # tabular_defaults.md, "Unseen small tables, and tables of a few
-            # dozen rows").
-            n_val = max(n_val, 2)
-        if n_val < 2 or n_samples - n_val < 2:
-            return perm, perm[:0]
+        n_val = validation_rows(n_samples, self.validation_fraction)
         return perm[n_val:], perm[:n_val]
 
     def _auto_steps(self):
