@@ -1,8 +1,10 @@
 """Fit-time checks of the training data that warn about degenerate columns.
 
-A continuous density is degenerate on constant features and on features that
-are strictly monotone functions of each other (copies, affine maps, logs): the
-likelihood can grow without bound. A few extreme values squeeze the rest of a
+A continuous density is degenerate on constant features, on features that
+take few distinct values (integer codes, counts, values recorded at a coarse
+resolution) and on features that are strictly monotone functions of each other
+(copies, affine maps, logs): the likelihood can grow without bound. A few
+extreme values squeeze the rest of a
 feature under the internal standardisation. None of these is an error,
 but each silently ruins a model, so each gets a warning with its remedy.
 """
@@ -18,6 +20,9 @@ OUTLIER_IQRS = 1e3
 # Shared ranks are looked for on at most this many rows and features.
 _MAX_ROWS, _MAX_FEATURES = 5000, 256
 _MAX_QUANTILE_ROWS = 20_000
+# A feature with at most this many distinct values, and at most a quarter as
+# many as rows, is discrete (every value repeated about four times or more).
+DISCRETE_MAX_LEVELS = 100
 
 
 def check_training_data(X, *, warn=True, stacklevel=2):
@@ -38,6 +43,7 @@ def check_training_data(X, *, warn=True, stacklevel=2):
     varying = np.ptp(X, axis=0) > 0
     for message in (
         _constant_message(varying),
+        _discrete_message(X, varying),
         _collinear_message(X, varying),
         _outlier_message(X, varying),
     ):
@@ -52,6 +58,27 @@ def _constant_message(varying):
             f"X has {index.size} constant feature(s) (indices {index[:10].tolist()}): "
             "a continuous density is degenerate there and the likelihood can grow "
             "without bound. Drop them, or use n_bins for discrete values."
+        )
+
+
+def _discrete_message(X, varying):
+    columns = np.flatnonzero(varying)
+    # A subsample sees no more levels than the whole column, and its own row
+    # count sets the threshold, so this stays a statement about repeated values.
+    sub = X[:: max(1, X.shape[0] // _MAX_QUANTILE_ROWS)]
+    limit = min(DISCRETE_MAX_LEVELS, sub.shape[0] // 4)
+    if limit < 2 or not columns.size:
+        return
+    levels = np.array([np.unique(sub[:, j]).size for j in columns])
+    index = columns[levels <= limit]
+    if index.size:
+        return (
+            f"X has {index.size} feature(s) with few distinct values (indices "
+            f"{index[:10].tolist()}: {levels[levels <= limit].max()} or fewer "
+            f"values in {sub.shape[0]} rows): a continuous density is degenerate on "
+            "repeated values and the likelihood can grow without bound as the "
+            "model puts spikes on them. Add uniform noise of one resolution step "
+            "to those features (dequantise), or use n_bins for integer levels."
         )
 
 

@@ -159,6 +159,47 @@ def test_extreme_outlier_warns_with_remedy_and_scores_stay_finite():
     assert est.score_samples(X[:1])[0] < np.median(est.score_samples(X))
 
 
+@pytest.mark.parametrize(
+    "make_x, message",
+    [
+        (
+            lambda rng: rng.integers(0, 5, size=(200, 2)).astype(float),
+            r"2 feature\(s\) with few distinct values \(indices \[0, 1\]: 5 or fewer",
+        ),
+        # Recorded at a coarse resolution (like iris' 0.1 cm), one column only.
+        (
+            lambda rng: np.c_[rng.normal(size=400), np.round(rng.normal(size=400), 1)],
+            r"1 feature\(s\) with few distinct values \(indices \[1\]:",
+        ),
+    ],
+    ids=["integer-codes", "coarse-resolution"],
+)
+def test_discrete_features_warn_with_remedy(make_x, message):
+    X = make_x(np.random.default_rng(0))
+    with pytest.warns(UserWarning, match=message + r".*dequantise.*n_bins"):
+        est = _fit(X)
+    _assert_finite_scores(est, X)
+
+
+@pytest.mark.parametrize(
+    "X",
+    [
+        # Fine resolution: thousands of distinct values.
+        np.round(np.random.default_rng(0).normal(size=(2000, 2)), 3),
+        # Integer levels, dequantised by the user.
+        np.random.default_rng(0).integers(0, 5, size=(200, 2))
+        + np.random.default_rng(1).uniform(size=(200, 2)),
+        # Seven rows: too few to call any repetition a pattern.
+        np.array([[0.0, 1], [1, 0], [0, 0], [1, 1], [0, 1], [1, 0], [0, 0]]),
+    ],
+    ids=["fine-resolution", "dequantised", "seven-rows"],
+)
+def test_continuous_or_tiny_data_gives_no_discrete_warning(X):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _fit(X, max_iter=1)
+
+
 def test_heavy_but_ordinary_tails_do_not_warn():
     X = np.random.default_rng(0).standard_t(3, size=(2000, 2))
     with warnings.catch_warnings():
