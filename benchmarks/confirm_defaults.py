@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_tabular as bench  # noqa: E402
 
+import skresflow._base as base  # noqa: E402
 from skresflow import ResidualFlowDensity  # noqa: E402
 from skresflow.datasets import make_toy  # noqa: E402
 
@@ -53,6 +54,11 @@ VARIANTS = {
     # Deeper for fewer steps, at about the low-dimensional default's CPU time.
     "nb24s2000": {"n_blocks": 24, "steps": 2000},
     "nb32s1500": {"n_blocks": 32, "steps": 1500},
+    # Longer training than the low-dimensional default's 3,000 steps.
+    "s4500": {"steps": 4500},
+    "s6000": {"steps": 6000},
+    # Plain early stopping: no learning-rate decay when the patience runs out.
+    "noanneal": {"anneal_on_plateau": False},
 }
 
 
@@ -100,6 +106,7 @@ def main(argv=None):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     params = params_for(variant, Xtr.shape[0])
+                    base.ANNEAL_ON_PLATEAU = params.pop("anneal_on_plateau", True)
                     est = ResidualFlowDensity(random_state=seed, **params)
                     est.fit(Xtr)
                 row = dict(dataset=name, variant=variant, seed=seed,

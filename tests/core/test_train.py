@@ -1,0 +1,50 @@
+import math
+
+import pytest
+import torch
+
+from skresflow.core.train import Trainer
+
+
+def _trainer(total_steps, **kwargs):
+    return Trainer(torch.nn.Linear(2, 1), lr=1.0, total_steps=total_steps, **kwargs)
+
+
+def _run(trainer, n):
+    rates = []
+    for _ in range(n):
+        rates.append(trainer.learning_rate())
+        trainer.n_steps += 1
+    return rates
+
+
+def test_cosine_schedule_reaches_the_final_fraction():
+    rates = _run(_trainer(100), 101)
+    assert rates[0] == pytest.approx(1.0)
+    assert rates[50] == pytest.approx(0.05 + 0.95 * 0.5)
+    assert rates[100] == pytest.approx(0.05)
+
+
+def test_anneal_decays_from_the_current_rate_to_the_final_one():
+    trainer = _trainer(1000)
+    _run(trainer, 300)
+    before = trainer.learning_rate()
+    assert trainer.anneal(100)
+    rates = _run(trainer, 150)
+    assert rates[0] == pytest.approx(before)  # continuous where it starts
+    assert all(a > b for a, b in zip(rates[:100], rates[1:101], strict=True))
+    expected = 0.05 + (before - 0.05) * 0.5 * (1 + math.cos(math.pi * 0.5))
+    assert rates[50] == pytest.approx(expected)
+    assert rates[100:] == pytest.approx([0.05] * 50)
+    assert not trainer.anneal(10)  # once per schedule
+
+
+@pytest.mark.parametrize("total_steps, done, steps", [(None, 0, 10), (100, 95, 5)])
+def test_anneal_refuses_where_it_would_not_shorten_the_schedule(
+    total_steps, done, steps
+):
+    trainer = _trainer(total_steps)
+    trainer.n_steps = done
+    rates = [trainer.learning_rate()]
+    assert not trainer.anneal(steps)
+    assert trainer.learning_rate() == rates[0]
