@@ -36,10 +36,6 @@ _LOGDET_ESTIMATORS = ("auto", "exact", "unbiased", "truncated")
 AUTO_STEPS = {"tabular": 2000, "image": 600}
 AUTO_PATIENCE_STEPS = 500  # n_iter_no_change="auto": this many steps, >= 10 epochs
 EVAL_STEPS = 50  # the validation loss is computed about every this many steps
-# When early stopping's patience runs out while the learning rate is still high,
-# decay it over one more patience before stopping (docs/benchmarks/
-# tabular_defaults.md); False restores plain early stopping (for ablations).
-ANNEAL_ON_PLATEAU = True
 # learning_rate="auto": MLP flows on tables train best with a high rate (lr 1e-2
 # beat 5e-3 and 1e-3 on every data set of the defaults experiment); convolutional
 # image flows were tuned on digits at 3e-3. Tables of up to 8 features use 2e-2
@@ -358,14 +354,13 @@ class BaseResidualFlow(BaseEstimator):
         # epochs (small data) it runs every few epochs, and after the last one.
         eval_every = -(-EVAL_STEPS // steps_per_epoch) if has_val else 1
         start, stopped_early, pending = time.perf_counter(), False, 0
-        end = n_epochs  # brought forward when a plateau ends the schedule early
         try:
             for epoch in range(n_epochs):
                 t0 = time.perf_counter()
                 train_nll = self._train_epoch(flow, trainer, train, batch_size)
                 self.n_iter_ += 1
                 pending += 1
-                if pending < eval_every and epoch < end - 1:
+                if pending < eval_every and epoch < n_epochs - 1:
                     self.history_.append(
                         {
                             "epoch": self.n_iter_,
@@ -384,21 +379,12 @@ class BaseResidualFlow(BaseEstimator):
                 if val_nll is not None:
                     record["val_loss"] = val_nll
                 self.history_.append(record)
-                self._report(record, epoch, end, time.perf_counter() - start)
+                self._report(record, epoch, n_epochs, time.perf_counter() - start)
                 loss = val_nll if val_nll is not None else train_nll
                 if monitor.update(loss, state, n_epochs=pending):
                     stopped_early = True
-                    # A plateau at a high learning rate is often noise: decay
-                    # the rate over one more patience, then stop (best kept).
-                    if not (
-                        ANNEAL_ON_PLATEAU and trainer.anneal(patience * steps_per_epoch)
-                    ):
-                        break
-                    end = min(end, epoch + 1 + patience)
-                    monitor.bad_epochs = 0
-                pending = 0
-                if epoch + 1 >= end:
                     break
+                pending = 0
         except KeyboardInterrupt:
             warnings.warn(
                 f"fit interrupted after {self.n_iter_} epochs; keeping the best "
