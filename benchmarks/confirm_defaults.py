@@ -54,9 +54,11 @@ VARIANTS = {
     # Deeper for fewer steps, at about the low-dimensional default's CPU time.
     "nb24s2000": {"n_blocks": 24, "steps": 2000},
     "nb32s1500": {"n_blocks": 32, "steps": 1500},
-    # Longer training than the low-dimensional default's 3,000 steps.
+    # Training lengths around the low-dimensional default (4,500 steps).
+    "s3000": {"steps": 3000},
     "s4500": {"steps": 4500},
     "s6000": {"steps": 6000},
+    "s12000": {"steps": 12000},
     # Plain early stopping: no learning-rate decay when the patience runs out.
     "noanneal": {"anneal_on_plateau": False},
 }

@@ -35,6 +35,7 @@ from sklearn.model_selection import KFold
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_tabular as bench  # noqa: E402
 
+import skresflow._base as base  # noqa: E402
 from skresflow import ResidualFlowDensity  # noqa: E402
 from skresflow._density import EXACT_TRAIN_MAX_FEATURES  # noqa: E402
 
@@ -54,13 +55,16 @@ def variant_params(name, n_features):
         "lr3e-3": dict(large, learning_rate=3e-3),
         "c0.9": dict(large, lipschitz_coeff=0.9),
         "vf0.2": dict(large, validation_fraction=0.2),
-        "default": {},  # package defaults ("auto" architecture)
+        # Package defaults ("auto" architecture), with and without the
+        # learning-rate decay when early stopping's patience runs out.
+        "default": {},
+        "noanneal": dict(anneal_on_plateau=False),
     }[name]
 
 
 VARIANTS = (
     "large", "s16x4", "s16x4lr2e-2", "s8x4", "b4", "h16", "lr3e-3", "c0.9", "vf0.2",
-    "default",
+    "default", "noanneal",
 )
 BASELINES = {"gmm": bench.tune_gmm, "kde": bench.tune_kde}
 
@@ -104,7 +108,11 @@ def main(argv=None):
                     est, params = BASELINES[variant](X[fit_rows])[:2]
                 else:
                     params = variant_params(variant, X.shape[1])
-                    est = ResidualFlowDensity(random_state=fold, **params)
+                    base.ANNEAL_ON_PLATEAU = params.get("anneal_on_plateau", True)
+                    est = ResidualFlowDensity(
+                        random_state=fold,
+                        **{k: v for k, v in params.items() if k != "anneal_on_plateau"},
+                    )
                     est.fit(X[fit_rows])
                 ll = float(est.score_samples(X[held_out]).mean())
                 row = dict(data=spec, variant=variant, fold=fold, ll=ll,

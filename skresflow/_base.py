@@ -36,6 +36,10 @@ _LOGDET_ESTIMATORS = ("auto", "exact", "unbiased", "truncated")
 AUTO_STEPS = {"tabular": 2000, "image": 600}
 AUTO_PATIENCE_STEPS = 500  # n_iter_no_change="auto": this many steps, >= 10 epochs
 EVAL_STEPS = 50  # the validation loss is computed about every this many steps
+# When early stopping's patience runs out while the learning rate is still high,
+# decay it over one more patience before stopping (docs/benchmarks/
+# tabular_defaults.md); False restores plain early stopping (for ablations).
+ANNEAL_ON_PLATEAU = True
 # learning_rate="auto": MLP flows on tables train best with a high rate (lr 1e-2
 # beat 5e-3 and 1e-3 on every data set of the defaults experiment); convolutional
 # image flows were tuned on digits at 3e-3. Tables of up to 8 features use 2e-2
@@ -264,8 +268,9 @@ class BaseResidualFlow(BaseEstimator):
         train, val = self._split(Xt.shape[0])
         if self._dp is not None:  # every rank builds (and checks) on the same rows
             self._dp.gather_rows(Xt[train], wt[train])
+        build = (Xt[train], wt[train]) if self._dp is None else self._dp.rows
+        small = not incremental and build[0].shape[0] < SMALL_TABLE_ROWS
         if reset:
-            build = (Xt[train], wt[train]) if self._dp is None else self._dp.rows
             # Module constructors draw from torch's global RNG: fork it, seed the fork
             # from our generator, and leave the user's global state untouched.
             seed = int(torch.randint(2**31 - 1, (), generator=self._generator))
@@ -273,7 +278,6 @@ class BaseResidualFlow(BaseEstimator):
                 torch.manual_seed(seed)
                 # Built (and initialised) in float32, then cast to ``dtype``.
                 build = tuple(t.float() for t in build)
-                small = not incremental and build[0].shape[0] < SMALL_TABLE_ROWS
                 flow = self._build_flow(*build, device=self.device_, small=small)
                 flow = flow.to(dtype)
             if self._dp is not None:
@@ -294,6 +298,7 @@ class BaseResidualFlow(BaseEstimator):
             warn,
             incremental=incremental,
             resume=resume,
+            small=small,
         )
         self._dp = None  # holds rows and generators: not part of the model
         return self
@@ -315,11 +320,14 @@ class BaseResidualFlow(BaseEstimator):
         n_val = validation_rows(n_samples, self.validation_fraction)
         return perm[n_val:], perm[:n_val]
 
-    def _auto_steps(self):
-        """Optimiser steps that ``max_iter="auto"`` aims at."""
+    def _auto_steps(self, small=False):
+        """Optimiser steps that ``max_iter="auto"`` aims at (``small``: see
+        :meth:`_build_flow`)."""
         return AUTO_STEPS[self._data_kind()]
 
-    def _run_epochs(self, flow, train, val, n_epochs, warn, incremental, resume):
+    def _run_epochs(
+        self, flow, train, val, n_epochs, warn, incremental, resume, small=False
+    ):
         n_train = train[0].shape[0]
         batch_size = min(self.batch_size, n_train)
         steps_per_epoch = -(-n_train // batch_size)
@@ -330,7 +338,7 @@ class BaseResidualFlow(BaseEstimator):
             )
             has_val = self._dp.any(has_val)
         if n_epochs == "auto":
-            n_epochs = -(-self._auto_steps() // steps_per_epoch)
+            n_epochs = -(-self._auto_steps(small) // steps_per_epoch)
         patience = self.n_iter_no_change
         if patience == "auto":
             patience = max(10, -(-AUTO_PATIENCE_STEPS // steps_per_epoch))
@@ -354,13 +362,14 @@ class BaseResidualFlow(BaseEstimator):
         # epochs (small data) it runs every few epochs, and after the last one.
         eval_every = -(-EVAL_STEPS // steps_per_epoch) if has_val else 1
         start, stopped_early, pending = time.perf_counter(), False, 0
+        end = n_epochs  # brought forward when a plateau ends the schedule early
         try:
             for epoch in range(n_epochs):
                 t0 = time.perf_counter()
                 train_nll = self._train_epoch(flow, trainer, train, batch_size)
                 self.n_iter_ += 1
                 pending += 1
-                if pending < eval_every and epoch < n_epochs - 1:
+                if pending < eval_every and epoch < end - 1:
                     self.history_.append(
                         {
                             "epoch": self.n_iter_,
@@ -379,12 +388,21 @@ class BaseResidualFlow(BaseEstimator):
                 if val_nll is not None:
                     record["val_loss"] = val_nll
                 self.history_.append(record)
-                self._report(record, epoch, n_epochs, time.perf_counter() - start)
+                self._report(record, epoch, end, time.perf_counter() - start)
                 loss = val_nll if val_nll is not None else train_nll
                 if monitor.update(loss, state, n_epochs=pending):
                     stopped_early = True
-                    break
+                    # A plateau at a high learning rate is often noise: decay
+                    # the rate over one more patience, then stop (best kept).
+                    if not (
+                        ANNEAL_ON_PLATEAU and trainer.anneal(patience * steps_per_epoch)
+                    ):
+                        break
+                    end = min(end, epoch + 1 + patience)
+                    monitor.bad_epochs = 0
                 pending = 0
+                if epoch + 1 >= end:
+                    break
         except KeyboardInterrupt:
             warnings.warn(
                 f"fit interrupted after {self.n_iter_} epochs; keeping the best "

@@ -341,7 +341,7 @@ def build_parser():
         "--max-iter",
         type=_max_iter,
         default="auto",
-        help='epochs, or "auto" (about 2,000 optimiser steps, 3,000 up to 8 '
+        help='epochs, or "auto" (about 2,000 optimiser steps, 4,500 up to 8 '
         "features; the default)",
     )
     fit.add_argument("--n-blocks", type=int)

@@ -1,5 +1,6 @@
 import io
 import pickle
+import warnings
 
 import joblib
 import numpy as np
@@ -15,6 +16,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 import skresflow._base as base_module
 import skresflow._density as density_module
 from skresflow import ResidualFlowDensity
+from skresflow.core.train import Trainer
 from skresflow.datasets import make_toy
 
 SMALL = dict(n_blocks=2, hidden_dims=(16,), max_iter=3, batch_size=64, random_state=0)
@@ -190,10 +192,28 @@ def test_auto_training_length_counts_optimiser_steps(moons, monkeypatch):
     assert defaults["max_iter"] == defaults["n_iter_no_change"] == "auto"
 
 
+def test_small_low_dimensional_tables_train_for_fewer_steps(monkeypatch):
+    monkeypatch.setattr(base_module, "AUTO_STEPS", {"tabular": 30, "image": 30})
+    monkeypatch.setattr(density_module, "AUTO_STEPS_LOW_DIM", 20)
+    monkeypatch.setattr(density_module, "AUTO_STEPS_LOW_DIM_SMALL", 10)
+    rng = np.random.default_rng(0)
+
+    def epochs(X, **params):
+        params = {"n_iter_no_change": None, "batch_size": 64, **params}
+        return ResidualFlowDensity(random_state=0, **params).fit(X).n_iter_
+
+    # 100 rows: 90 for training, 2 steps per epoch; 300 rows: 270, 5 steps.
+    assert epochs(rng.normal(size=(100, 2))) == 5  # 10 steps
+    assert epochs(rng.normal(size=(300, 2))) == 4  # 20 steps
+    assert epochs(rng.normal(size=(100, 10))) == 15  # 30 steps above 8 features
+    assert epochs(rng.normal(size=(100, 2)), max_iter=3) == 3
+
+
 def test_auto_architecture_is_smaller_for_small_tables(monkeypatch):
     # Built, not trained: the architecture is resolved before the first step.
     monkeypatch.setattr(base_module, "AUTO_STEPS", {"tabular": 1, "image": 1})
     monkeypatch.setattr(density_module, "AUTO_STEPS_LOW_DIM", 1)
+    monkeypatch.setattr(density_module, "AUTO_STEPS_LOW_DIM_SMALL", 1)
     rng = np.random.default_rng(0)
 
     def arch(X, method="fit", **params):
@@ -277,8 +297,45 @@ def test_early_stopping_restores_best(moons, monkeypatch):
     est = ResidualFlowDensity(
         **{**SMALL, "max_iter": 60, "n_iter_no_change": 2, "tol": 10.0}
     ).fit(moons)
-    assert est.n_iter_ == 3  # epoch 1 is the best; two epochs without a 10-nat gain
+    # Epoch 1 is the best; after two epochs without a 10-nat gain the learning
+    # rate decays over two more, then training stops.
+    assert est.n_iter_ == 5
     assert est.score(moons) == pytest.approx(-est.history_[0]["val_loss"], abs=0.5)
+
+
+def test_a_plateau_anneals_the_learning_rate_then_stops(moons, monkeypatch):
+    monkeypatch.setattr(base_module, "EVAL_STEPS", 1)  # validate every epoch
+    rates = []
+    step = Trainer.step
+
+    def recording_step(self, *args, **kwargs):
+        rates.append(self.learning_rate())
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "step", recording_step)
+    params = {**SMALL, "max_iter": 40, "n_iter_no_change": 3, "batch_size": 100}
+    losses = iter([5.0, 4.0] + [4.0] * 3 + [3.0] + [3.5] * 3 + [9.0] * 40)
+    monkeypatch.setattr(
+        ResidualFlowDensity, "_validation_loss", lambda *args: next(losses)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)  # stopped, not cut off
+        est = ResidualFlowDensity(**params).fit(moons)
+    # Plateau after epoch 2 (epochs 3-5): the rate decays over 3 more epochs
+    # (an improvement at epoch 6 is kept), then the fit ends.
+    assert est.n_iter_ == 8
+    per_epoch = len(rates) // est.n_iter_
+    anneal = rates[5 * per_epoch :]
+    assert all(a > b for a, b in zip(anneal, anneal[1:], strict=False))
+    assert anneal[-1] < 0.1 * rates[5 * per_epoch - 1]
+    assert est.history_[-1]["val_loss"] == 3.5
+
+
+def test_no_anneal_once_the_schedule_is_nearly_over(moons, monkeypatch):
+    monkeypatch.setattr(base_module, "EVAL_STEPS", 1)
+    params = {**SMALL, "max_iter": 5, "n_iter_no_change": 3, "tol": 10.0}
+    est = ResidualFlowDensity(**params).fit(moons)
+    assert est.n_iter_ == 4  # patience runs out at epoch 4; one epoch was left
 
 
 def test_convergence_warning_when_still_improving(moons):

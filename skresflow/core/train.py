@@ -25,8 +25,9 @@ class Trainer:
         Peak learning rate of Adam (betas 0.9, 0.99 as in the reference code).
     total_steps : int or None
         Planned number of steps; the learning rate decays along a half cosine to
-        ``final_lr_fraction * lr`` at that step. None: no decay (open-ended
-        training, e.g. ``partial_fit``).
+        ``final_lr_fraction * lr`` at that step (:meth:`anneal` can bring that
+        step forward). None: no decay (open-ended training, e.g.
+        ``partial_fit``).
     warmup_steps : int, default=0
         Linear warm-up from ``lr / warmup_steps``.
     max_grad_norm : float or None, default=1.0
@@ -90,16 +91,34 @@ class Trainer:
         self.lr_scale = 1.0  # lowered after non-finite steps
         self.bad_steps = 0
         self.ema = [p.detach().clone() for p in self.params] if ema_decay else None
+        self._anneal = None  # (first step, length, decay factor at the start)
+
+    def _decay(self, t):
+        """The schedule's factor at step ``t`` (1 at the peak)."""
+        if self.total_steps is None:
+            return 1.0
+        f = self.final_lr_fraction
+        start, length, top = self._anneal or (0, self.total_steps, 1.0)
+        progress = min(1.0, (t - start) / length)
+        return f + (top - f) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def learning_rate(self):
         t = self.n_steps
         warm = min(1.0, (t + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-        if self.total_steps is None:
-            return self.lr * self.lr_scale * warm
-        progress = min(1.0, t / self.total_steps)
-        f = self.final_lr_fraction
-        cosine = f + (1 - f) * 0.5 * (1 + math.cos(math.pi * progress))
-        return self.lr * self.lr_scale * warm * cosine
+        return self.lr * self.lr_scale * warm * self._decay(t)
+
+    def anneal(self, steps):
+        """End the schedule early: from the current step, decay the learning rate
+        along a half cosine from its present value to the final one in ``steps``
+        steps. Returns False, changing nothing, where that would not shorten the
+        schedule (none planned, or it ends within ``steps`` anyway)."""
+        steps = max(int(steps), 1)
+        if self._anneal is not None or self.total_steps is None:
+            return False
+        if self.total_steps - self.n_steps <= steps:
+            return False
+        self._anneal = (self.n_steps, steps, self._decay(self.n_steps))
+        return True
 
     def step(self, loss_fn, *, weight=1.0):
         """Run ``loss_fn()``, back-propagate and update; return the loss (float).

@@ -36,3 +36,28 @@ def test_warm_up_is_linear_then_the_cosine_takes_over():
 
 def test_open_ended_training_keeps_the_peak_rate():
     assert _run(_trainer(None), 50) == pytest.approx([1.0] * 50)
+
+
+def test_anneal_decays_from_the_current_rate_to_the_final_one():
+    trainer = _trainer(1000)
+    _run(trainer, 300)
+    before = trainer.learning_rate()
+    assert trainer.anneal(100)
+    rates = _run(trainer, 150)
+    assert rates[0] == pytest.approx(before)  # continuous where it starts
+    assert all(a > b for a, b in zip(rates[:100], rates[1:101], strict=True))
+    expected = 0.05 + (before - 0.05) * 0.5 * (1 + math.cos(math.pi * 0.5))
+    assert rates[50] == pytest.approx(expected)
+    assert rates[100:] == pytest.approx([0.05] * 50)
+    assert not trainer.anneal(10)  # once per schedule
+
+
+@pytest.mark.parametrize("total_steps, done, steps", [(None, 0, 10), (100, 95, 5)])
+def test_anneal_refuses_where_it_would_not_shorten_the_schedule(
+    total_steps, done, steps
+):
+    trainer = _trainer(total_steps)
+    trainer.n_steps = done
+    rates = [trainer.learning_rate()]
+    assert not trainer.anneal(steps)
+    assert trainer.learning_rate() == rates[0]
