@@ -392,14 +392,21 @@ class BaseResidualFlow(BaseEstimator):
                 loss = val_nll if val_nll is not None else train_nll
                 if monitor.update(loss, state, n_epochs=pending):
                     stopped_early = True
-                    # A plateau at a high learning rate is often noise: decay
-                    # the rate over one more patience, then stop (best kept).
+                    # A validation plateau at a high learning rate can be noise:
+                    # decay the rate over one more patience, then stop (best
+                    # kept). Not for a diverging fit, nor on the training loss,
+                    # which any decay lowers.
                     if not (
-                        ANNEAL_ON_PLATEAU and trainer.anneal(patience * steps_per_epoch)
+                        ANNEAL_ON_PLATEAU
+                        and has_val
+                        and monitor.best_state is not None
+                        and np.isfinite(loss)
+                        and trainer.anneal(patience * steps_per_epoch)
                     ):
                         break
                     end = min(end, epoch + 1 + patience)
                     monitor.bad_epochs = 0
+                    self._report_anneal(patience, self.n_iter_ + end - epoch - 1)
                 pending = 0
                 if epoch + 1 >= end:
                     break
@@ -532,6 +539,14 @@ class BaseResidualFlow(BaseEstimator):
         self._configure_for_scoring(scorer)
         scorer.refresh_lipschitz()
         return scorer
+
+    def _report_anneal(self, patience, last):
+        if self.verbose and not (getattr(self, "_dp", None) and self._dp.rank):
+            print(
+                f"epoch {self.n_iter_}: no improvement for {patience} epochs; the "
+                f"learning rate decays until epoch {last}, then training stops",
+                flush=True,
+            )
 
     def _report(self, record, epoch, n_epochs, elapsed):
         if not self.verbose or getattr(self, "_dp", None) and self._dp.rank:

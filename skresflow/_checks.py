@@ -65,20 +65,24 @@ def _discrete_message(X, varying):
     columns = np.flatnonzero(varying)
     # A subsample sees no more levels than the whole column, and its own row
     # count sets the threshold, so this stays a statement about repeated values.
-    sub = X[:: max(1, X.shape[0] // _MAX_QUANTILE_ROWS)]
+    sub = X[:: -(-X.shape[0] // _MAX_QUANTILE_ROWS)][:, columns]
     limit = min(DISCRETE_MAX_LEVELS, sub.shape[0] // 4)
     if limit < 2 or not columns.size:
         return
-    levels = np.array([np.unique(sub[:, j]).size for j in columns])
-    index = columns[levels <= limit]
-    if index.size:
+    ordered = np.sort(sub, axis=0)
+    levels = 1 + np.count_nonzero(ordered[1:] != ordered[:-1], axis=0)
+    few = levels <= limit
+    if few.any():
+        rows = f"{sub.shape[0]} rows" + (" sampled" if sub.shape[0] < len(X) else "")
         return (
-            f"X has {index.size} feature(s) with few distinct values (indices "
-            f"{index[:10].tolist()}: {levels[levels <= limit].max()} or fewer "
-            f"values in {sub.shape[0]} rows): a continuous density is degenerate on "
-            "repeated values and the likelihood can grow without bound as the "
-            "model puts spikes on them. Add uniform noise of one resolution step "
-            "to those features (dequantise), or use n_bins for integer levels."
+            f"X has {few.sum()} feature(s) with few distinct values (indices "
+            f"{columns[few][:10].tolist()}: {levels[few].max()} or fewer values in "
+            f"{rows}): a continuous density is degenerate on repeated values and "
+            "the likelihood can grow without bound as the model puts spikes on "
+            "them. Add uniform noise of one resolution step to those features "
+            "(dequantise), or use n_bins for integer levels; a single value "
+            "repeated among continuous ones (e.g. many zeros) is better modelled "
+            "apart."
         )
 
 

@@ -77,6 +77,9 @@ activation, logdet_estimator, n_exact_terms, logdet_grad
         default: monitoring scores the held-out rows' exact density every
         epoch, which costs more than a small training epoch.
     n_iter_no_change : int or None, default=10
+        Epochs without improvement before stopping, as in
+        :class:`ResidualFlowDensity` (with a validation split, where they run
+        out early the learning rate first decays over as many more epochs).
     tol : float, default=1e-4
         Minimum improvement of the monitored objective (nats per row).
     random_state, device, dtype, verbose, warm_start

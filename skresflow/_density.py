@@ -136,13 +136,14 @@ default="memory_efficient"
     n_iter_no_change : int, "auto" or None, default="auto"
         Epochs without improvement of more than ``tol`` before stopping; None
         trains for ``max_iter`` epochs and keeps the last. When they run out
-        while the learning rate is still high (the schedule has more than
-        ``n_iter_no_change`` epochs to go), the rate first decays to its final
-        value over ``n_iter_no_change`` more epochs, then training stops; the
-        best epoch's model is kept either way. ``"auto"``: the epochs of 500
-        optimiser steps, at least 10. The validation loss is
-        computed every ``ceil(50 / steps_per_epoch)`` epochs and after the last
-        (``history_`` has ``val_loss`` on those epochs only).
+        on the validation loss while the learning rate is still high (the
+        schedule has more than ``n_iter_no_change`` epochs to go), the rate
+        first decays to its final value over ``n_iter_no_change`` more epochs,
+        then training stops; the best epoch's model is kept either way.
+        ``"auto"``: the epochs of 500 optimiser steps, at least 10. The
+        validation loss is computed every ``ceil(50 / steps_per_epoch)``
+        epochs and after the last (``history_`` has ``val_loss`` on those
+        epochs only).
     tol : float, default=1e-4
         Minimum improvement of the monitored NLL (nats per row).
     random_state : int, RandomState instance or None, default=None

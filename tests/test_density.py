@@ -303,7 +303,7 @@ def test_early_stopping_restores_best(moons, monkeypatch):
     assert est.score(moons) == pytest.approx(-est.history_[0]["val_loss"], abs=0.5)
 
 
-def test_a_plateau_anneals_the_learning_rate_then_stops(moons, monkeypatch):
+def test_a_plateau_anneals_the_learning_rate_then_stops(moons, monkeypatch, capsys):
     monkeypatch.setattr(base_module, "EVAL_STEPS", 1)  # validate every epoch
     rates = []
     step = Trainer.step
@@ -314,6 +314,7 @@ def test_a_plateau_anneals_the_learning_rate_then_stops(moons, monkeypatch):
 
     monkeypatch.setattr(Trainer, "step", recording_step)
     params = {**SMALL, "max_iter": 40, "n_iter_no_change": 3, "batch_size": 100}
+    params["verbose"] = 1
     losses = iter([5.0, 4.0] + [4.0] * 3 + [3.0] + [3.5] * 3 + [9.0] * 40)
     monkeypatch.setattr(
         ResidualFlowDensity, "_validation_loss", lambda *args: next(losses)
@@ -328,7 +329,18 @@ def test_a_plateau_anneals_the_learning_rate_then_stops(moons, monkeypatch):
     anneal = rates[5 * per_epoch :]
     assert all(a > b for a, b in zip(anneal, anneal[1:], strict=False))
     assert anneal[-1] < 0.1 * rates[5 * per_epoch - 1]
+    assert "epoch 5: no improvement for 3 epochs; the learning rate decays until " \
+        "epoch 8" in capsys.readouterr().out
     assert est.history_[-1]["val_loss"] == 3.5
+
+
+def test_no_anneal_on_the_training_loss(moons, monkeypatch):
+    # Without a validation split the monitored loss is the training loss, which
+    # any decay of the rate lowers: plain early stopping.
+    monkeypatch.setattr(base_module, "EVAL_STEPS", 1)
+    params = {**SMALL, "max_iter": 60, "n_iter_no_change": 2, "tol": 10.0}
+    est = ResidualFlowDensity(**params, validation_fraction=0).fit(moons)
+    assert est.n_iter_ == 3
 
 
 def test_no_anneal_once_the_schedule_is_nearly_over(moons, monkeypatch):

@@ -91,33 +91,38 @@ class Trainer:
         self.lr_scale = 1.0  # lowered after non-finite steps
         self.bad_steps = 0
         self.ema = [p.detach().clone() for p in self.params] if ema_decay else None
-        self._anneal = None  # (first step, length, decay factor at the start)
+        self._anneal = None  # (first step, length, factor at the start, at the end)
 
-    def _decay(self, t):
-        """The schedule's factor at step ``t`` (1 at the peak)."""
+    def _factor(self, t):
+        """The learning rate at step ``t`` over ``lr * lr_scale``: warm-up, then
+        the cosine (or, after :meth:`anneal`, its shortened decay)."""
+        if self._anneal is not None:
+            start, length, top, end = self._anneal
+            progress = min(1.0, (t - start) / length)
+            return end + (top - end) * 0.5 * (1 + math.cos(math.pi * progress))
+        warm = min(1.0, (t + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         if self.total_steps is None:
-            return 1.0
+            return warm
         f = self.final_lr_fraction
-        start, length, top = self._anneal or (0, self.total_steps, 1.0)
-        progress = min(1.0, (t - start) / length)
-        return f + (top - f) * 0.5 * (1 + math.cos(math.pi * progress))
+        progress = min(1.0, t / self.total_steps)
+        return warm * (f + (1 - f) * 0.5 * (1 + math.cos(math.pi * progress)))
 
     def learning_rate(self):
-        t = self.n_steps
-        warm = min(1.0, (t + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-        return self.lr * self.lr_scale * warm * self._decay(t)
+        return self.lr * self.lr_scale * self._factor(self.n_steps)
 
     def anneal(self, steps):
         """End the schedule early: from the current step, decay the learning rate
         along a half cosine from its present value to the final one in ``steps``
-        steps. Returns False, changing nothing, where that would not shorten the
-        schedule (none planned, or it ends within ``steps`` anyway)."""
+        steps (a rate still below that, early in the warm-up, is held). Returns
+        False, changing nothing, where that would not shorten the schedule (none
+        planned, or it ends within ``steps`` anyway) and on a second call."""
         steps = max(int(steps), 1)
         if self._anneal is not None or self.total_steps is None:
             return False
         if self.total_steps - self.n_steps <= steps:
             return False
-        self._anneal = (self.n_steps, steps, self._decay(self.n_steps))
+        top = self._factor(self.n_steps)
+        self._anneal = (self.n_steps, steps, top, min(top, self.final_lr_fraction))
         return True
 
     def step(self, loss_fn, *, weight=1.0):

@@ -61,3 +61,17 @@ def test_anneal_refuses_where_it_would_not_shorten_the_schedule(
     rates = [trainer.learning_rate()]
     assert not trainer.anneal(steps)
     assert trainer.learning_rate() == rates[0]
+
+
+def test_anneal_during_the_warm_up_never_raises_the_rate():
+    trainer = _trainer(600, warmup_steps=60)
+    _run(trainer, 20)
+    before = trainer.learning_rate()
+    assert trainer.anneal(100)
+    rates = _run(trainer, 120)
+    assert rates[0] == pytest.approx(before)
+    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
+    assert rates[-1] == pytest.approx(0.05)
+    early = _trainer(600, warmup_steps=60)  # below the final rate: held there
+    rate = early.learning_rate()
+    assert early.anneal(100) and _run(early, 50) == pytest.approx([rate] * 50)
