@@ -36,7 +36,7 @@ _LOGDET_ESTIMATORS = ("auto", "exact", "unbiased", "truncated")
 AUTO_STEPS = {"tabular": 2000, "image": 600}
 AUTO_PATIENCE_STEPS = 500  # n_iter_no_change="auto": this many steps, >= 10 epochs
 EVAL_STEPS = 50  # the validation loss is computed about every this many steps
-# When early stopping's patience runs out while the learning rate is still high,
+# When early stopping's patience on the validation loss runs out at a high rate,
 # decay it over one more patience before stopping (docs/benchmarks/
 # tabular_defaults.md); False restores plain early stopping (for ablations).
 ANNEAL_ON_PLATEAU = True
