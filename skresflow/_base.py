@@ -540,8 +540,12 @@ class BaseResidualFlow(BaseEstimator):
         scorer.refresh_lipschitz()
         return scorer
 
+    def _prints(self):
+        """Print progress: ``verbose``, and rank 0 of a data-parallel fit."""
+        return self.verbose and not (getattr(self, "_dp", None) and self._dp.rank)
+
     def _report_anneal(self, patience, last):
-        if self.verbose and not (getattr(self, "_dp", None) and self._dp.rank):
+        if self._prints():
             print(
                 f"epoch {self.n_iter_}: no improvement for {patience} epochs; the "
                 f"learning rate decays until epoch {last}, then training stops",
@@ -549,8 +553,8 @@ class BaseResidualFlow(BaseEstimator):
             )
 
     def _report(self, record, epoch, n_epochs, elapsed):
-        if not self.verbose or getattr(self, "_dp", None) and self._dp.rank:
-            return  # in a data-parallel fit only rank 0 prints
+        if not self._prints():
+            return
         remaining = elapsed / (epoch + 1) * (n_epochs - epoch - 1)
         val = f"  val NLL {record['val_loss']:.4f}" if "val_loss" in record else ""
         print(

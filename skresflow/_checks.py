@@ -51,6 +51,11 @@ def check_training_data(X, *, warn=True, stacklevel=2):
             warnings.warn(message, UserWarning, stacklevel=stacklevel + 1)
 
 
+def _sample_rows(X):
+    """Every k-th row, at most ``_MAX_QUANTILE_ROWS`` of them."""
+    return X[:: -(-X.shape[0] // _MAX_QUANTILE_ROWS)]
+
+
 def _constant_message(varying):
     index = np.flatnonzero(~varying)
     if index.size:
@@ -65,7 +70,7 @@ def _discrete_message(X, varying):
     columns = np.flatnonzero(varying)
     # A subsample sees no more levels than the whole column, and its own row
     # count sets the threshold, so this stays a statement about repeated values.
-    sub = X[:: -(-X.shape[0] // _MAX_QUANTILE_ROWS)][:, columns]
+    sub = _sample_rows(X)[:, columns]
     limit = min(DISCRETE_MAX_LEVELS, sub.shape[0] // 4)
     if limit < 2 or not columns.size:
         return
@@ -133,7 +138,7 @@ def _outlier_message(X, varying):
     if X.shape[0] < 4 or not columns.size:
         return
     # Quartiles of a subsample are plenty for a 1000-IQR threshold, and cheap.
-    sub = np.ascontiguousarray(X[:: max(1, X.shape[0] // _MAX_QUANTILE_ROWS)].T)
+    sub = np.ascontiguousarray(_sample_rows(X).T)
     q1, median, q3 = np.percentile(sub[columns], [25, 50, 75], axis=1)
     iqr = q3 - q1
     spread = np.maximum(X.max(0)[columns] - median, median - X.min(0)[columns])

@@ -98,14 +98,11 @@ class Trainer:
         the cosine (or, after :meth:`anneal`, its shortened decay)."""
         if self._anneal is not None:
             start, length, top, end = self._anneal
-            progress = min(1.0, (t - start) / length)
-            return end + (top - end) * 0.5 * (1 + math.cos(math.pi * progress))
+            return _half_cosine(top, end, (t - start) / length)
         warm = min(1.0, (t + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         if self.total_steps is None:
             return warm
-        f = self.final_lr_fraction
-        progress = min(1.0, t / self.total_steps)
-        return warm * (f + (1 - f) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return warm * _half_cosine(1.0, self.final_lr_fraction, t / self.total_steps)
 
     def learning_rate(self):
         return self.lr * self.lr_scale * self._factor(self.n_steps)
@@ -201,6 +198,12 @@ class Trainer:
             for p, e in zip(self.params, self.ema, strict=True):
                 state[names[id(p)]] = e.clone()
         return state
+
+
+def _half_cosine(start, end, progress):
+    """From ``start`` at progress 0 to ``end`` at 1 (and after) on a half cosine."""
+    progress = min(1.0, progress)
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _to_cpu(obj):
